@@ -1,0 +1,1859 @@
+#!/usr/bin/env python3
+"""schedule-api: fire webhooks on cron schedules, with second precision, in each task's zone.
+
+A drop-in successor of the Go service kainonly/schedule-api: the same eight POST endpoints,
+the same request fields and the same reply envelopes, so existing clients switch without
+changing a line. Tasks and a searchable log of every fire live in an embedded SQLite store by
+default, or in Elasticsearch when ``[elasticsearch] hosts`` is set.
+
+Run it::
+
+    pip install -r requirements.txt
+    python schedule_api.py [--config config.ini] [--host H] [--port P] [--data DIR]
+
+Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
+``{"error": 1, "msg": "..."}``):
+
+    /put      create or replace a task and its entries
+    /get      one task, with next_date and last_date of each entry
+    /all      the identities of all tasks
+    /lists    several tasks by identity
+    /running  pause or resume a task
+    /delete   stop and delete a task
+    /search   search the logs (put, delete, running, success, error)
+    /clear    delete the logs of one task
+
+and ``GET /health`` for load balancers and Docker's HEALTHCHECK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import hashlib
+import hmac
+import heapq
+import http.client
+import http.server
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterError, croniter
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "Config", "load_config", "parse_schedule", "CronSchedule", "EverySchedule",
+    "ScheduleError", "ValidationError", "NotFoundError", "StoreError",
+    "Entry", "Task", "validate_task", "SQLiteStore", "ElasticsearchStore", "open_store",
+    "LogWriter", "deliver", "Clock", "Scheduler", "Service", "make_server", "App", "main",
+]
+
+log = logging.getLogger("schedule_api")
+
+# Constants ##################################################################################
+
+USER_AGENT = f"schedule-api/{__version__}"
+ZERO_DATE = "0001-01-01T00:00:00Z"  # what the original shows for "never" (Go's zero time)
+LOG_TYPES = ("put", "delete", "running", "success", "error")
+MAX_IDENTITY = 128
+MAX_ENTRIES = 1000
+MAX_URL = 2048
+MAX_HEADERS = 100
+MAX_JSON_DEPTH = 64
+MAX_LISTS = 1000
+MAX_SEARCH_LIMIT = 100
+MAX_SEARCH_WINDOW = 10_000  # skip + limit, Elasticsearch's default max_result_window
+LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are skipped
+TIMER_MAX_WAIT = 30.0  # seconds: the timer re-reads the clock at least this often
+# Headers a user may not set on a webhook: urllib computes them, and a wrong one corrupts the request.
+FORBIDDEN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+
+
+# Errors #####################################################################################
+
+class ScheduleApiError(Exception):
+    """Base of every error this module raises on purpose."""
+
+
+class ValidationError(ScheduleApiError, ValueError):
+    """A request is wrong; ``field`` names the part at fault. Nothing was changed."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+
+
+class NotFoundError(ValidationError):
+    """A request names a task that does not exist."""
+
+    def __init__(self, identity: str):
+        super().__init__("", f"task {identity!r} not found")
+
+
+class ScheduleError(ScheduleApiError, ValueError):
+    """A cron_time cannot be parsed or never fires."""
+
+
+class StoreError(ScheduleApiError):
+    """The store could not do what was asked; the caller's change was not made."""
+
+
+# Configuration ##############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of the service, from defaults, config.ini, environment and flags."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    token: str = ""
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 30.0
+    data: str = "data"
+    webhook_timeout: float = 10.0
+    workers: int = 32
+    max_response_bytes: int = 64 << 10
+    es_hosts: str = ""
+    es_default_index: str = "schedule-service"
+    es_username: str = ""
+    es_password: str = ""
+    es_cloud_id: str = ""
+    es_api_key: str = ""
+    es_ca_certs: str = ""
+    es_verify_certs: bool = True
+    es_timeout: float = 10.0
+    spool_max_bytes: int = 256 << 20
+    log_level: str = "INFO"
+
+
+# config.ini section/option -> Config field; the environment variable is
+# SCHEDULE_API_<SECTION>_<OPTION> in upper case (SCHEDULE_API_SERVER_PORT, ...).
+CONFIG_KEYS = {
+    ("server", "host"): "host",
+    ("server", "port"): "port",
+    ("server", "token"): "token",
+    ("server", "max_body_bytes"): "max_body_bytes",
+    ("server", "request_timeout"): "request_timeout",
+    ("server", "log_level"): "log_level",
+    ("storage", "path"): "data",
+    ("storage", "spool_max_bytes"): "spool_max_bytes",
+    ("webhook", "timeout"): "webhook_timeout",
+    ("webhook", "workers"): "workers",
+    ("webhook", "max_response_bytes"): "max_response_bytes",
+    ("elasticsearch", "hosts"): "es_hosts",
+    ("elasticsearch", "default_index"): "es_default_index",
+    ("elasticsearch", "username"): "es_username",
+    ("elasticsearch", "password"): "es_password",
+    ("elasticsearch", "cloud_id"): "es_cloud_id",
+    ("elasticsearch", "api_key"): "es_api_key",
+    ("elasticsearch", "ca_certs"): "es_ca_certs",
+    ("elasticsearch", "verify_certs"): "es_verify_certs",
+    ("elasticsearch", "timeout"): "es_timeout",
+}
+
+
+def _convert(name: str, raw: str, where: str) -> Any:
+    kind = type(getattr(Config, name))
+    text = raw.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError("expected true or false")
+            return lowered in ("1", "true", "yes", "on")
+        value = kind(text)
+    except ValueError as exc:
+        raise ValidationError(where, f"{raw!r} is not a valid {kind.__name__} ({exc})") from None
+    if kind in (int, float) and (value < 0 or (isinstance(value, float) and not math.isfinite(value))):
+        raise ValidationError(where, f"{raw!r} must be a non-negative number")
+    return value
+
+
+def load_config(path: str | None = None, environ: dict | None = None, **flags: Any) -> Config:
+    """Build the Config from defaults, then the file at ``path``, the environment, then flags.
+
+    A missing ``path`` is an error only when it was named; flags that are None are ignored.
+    Raises ValidationError naming the option that is wrong.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if path:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except (OSError, configparser.Error) as exc:
+            raise ValidationError("--config", f"cannot read {path}: {exc}") from None
+        for (section, option), name in CONFIG_KEYS.items():
+            if parser.has_option(section, option):
+                values[name] = _convert(name, parser.get(section, option), f"[{section}] {option}")
+    for (section, option), name in CONFIG_KEYS.items():
+        variable = f"SCHEDULE_API_{section}_{option}".upper()
+        if variable in environ:
+            values[name] = _convert(name, environ[variable], variable)
+    values.update({name: value for name, value in flags.items() if value is not None})
+    config = Config(**values)
+    if not 0 <= config.port <= 65535:
+        raise ValidationError("[server] port", "must be 0..65535")
+    if config.workers < 1:
+        raise ValidationError("[webhook] workers", "must be at least 1")
+    if config.webhook_timeout <= 0:
+        raise ValidationError("[webhook] timeout", "must be above 0")
+    return config
+
+
+# Schedules ##################################################################################
+
+_EPOCH = datetime(1970, 1, 1)
+_ONE_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1) - _EPOCH
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DESCRIPTORS = {
+    "@yearly": "0 0 0 1 1 *",
+    "@annually": "0 0 0 1 1 *",
+    "@monthly": "0 0 0 1 * *",
+    "@weekly": "0 0 0 * * 0",
+    "@daily": "0 0 0 * * *",
+    "@midnight": "0 0 0 * * *",
+    "@hourly": "0 0 * * * *",
+}
+# (name, low, high, names) of the six fields, seconds first as robfig/cron's WithSeconds.
+_FIELDS = (
+    ("second", 0, 59, None),
+    ("minute", 0, 59, None),
+    ("hour", 0, 23, None),
+    ("day-of-month", 1, 31, None),
+    ("month", 1, 12, {m: i for i, m in enumerate(
+        "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}),
+    ("day-of-week", 0, 6, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}),
+)
+
+
+def load_zone(name: str) -> ZoneInfo:
+    """Return the ZoneInfo for an IANA name; raise ScheduleError if there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ScheduleError(f"unknown time zone {name!r}") from None
+
+
+def _utc_offset(zone: ZoneInfo, t: float) -> float:
+    return datetime.fromtimestamp(t, zone).utcoffset().total_seconds()
+
+
+def _wall_offset(zone: ZoneInfo, wall: datetime) -> float:
+    """Return the UTC offset of the FIRST occurrence of a naive wall time in the zone."""
+    return wall.replace(tzinfo=zone, fold=0).utcoffset().total_seconds()
+
+
+def _first_offset_change(zone: ZoneInfo, t: float, until: float) -> float | None:
+    """Return the first instant in (t, until] where the zone's UTC offset changes, or None."""
+    before = _utc_offset(zone, t)
+    low = t
+    while low < until:
+        # Weekly steps, so that two changes between t and until (spring and autumn) are both seen.
+        high = min(low + 7 * 86400, until)
+        if _utc_offset(zone, high) != before:
+            lo, hi = math.floor(low), math.ceil(high)
+            while hi - lo > 1:  # zone transitions fall on whole seconds
+                mid = (lo + hi) // 2
+                if _utc_offset(zone, mid) == before:
+                    lo = mid
+                else:
+                    hi = mid
+            return float(max(hi, t))
+        low = high
+    return None
+
+
+class CronSchedule:
+    """A parsed cron_time in a zone, answering "when is the next fire after instant t?".
+
+    Daylight-saving policy (Vixie cron's, which users expect; neither robfig nor croniter do it):
+    a wall time that a spring-forward gap skips fires once, at the first instant after the gap;
+    a wall time that a fall-back repeats fires once, at its first occurrence; but a schedule that
+    covers every hour (``*`` in the hour field) follows real time, so it keeps its spacing
+    through both changes. Instants are UNIX seconds (floats).
+    """
+
+    def __init__(self, expression: str, zone: ZoneInfo, every_hour: bool):
+        self.expression = expression  # croniter's form, seconds first
+        self.zone = zone
+        self.every_hour = every_hour
+        self._cron = croniter(expression, _EPOCH, second_at_beginning=True)
+        self._lock = threading.Lock()  # a croniter is stateful; schedules are shared by entries
+
+    def _wall_next(self, wall: datetime) -> datetime:
+        """Return the first wall time matching the expression strictly after ``wall``."""
+        with self._lock:
+            self._cron.set_current(wall, force=True)
+            return self._cron.get_next(datetime)
+
+    def _instant(self, wall: datetime, offset: float) -> float:
+        return (wall - _EPOCH).total_seconds() - offset
+
+    def next_after(self, t: float) -> float:
+        """Return the first fire instant strictly after ``t``.
+
+        Raises ScheduleError if the expression matches no date (e.g. 30 February).
+        """
+        zone = self.zone
+        start, inclusive = t, False
+        while True:
+            local = datetime.fromtimestamp(start, zone)
+            offset = local.utcoffset().total_seconds()
+            wall = local.replace(tzinfo=None, fold=0)
+            if inclusive:
+                wall -= _ONE_MICROSECOND
+            try:
+                candidate_wall = self._wall_next(wall)
+            except CroniterError:
+                raise ScheduleError("cron_time matches no date") from None
+            candidate = self._instant(candidate_wall, offset)
+            change = _first_offset_change(zone, start, candidate)
+            if change is None:
+                # A fixed-time wall that a fall-back repeats fires at its first occurrence only.
+                if not self.every_hour and self._instant(candidate_wall, _wall_offset(zone, candidate_wall)) < candidate:
+                    start, inclusive = candidate, False
+                    continue
+                return candidate
+            after = _utc_offset(zone, change)
+            wall_before = datetime.fromtimestamp(change + offset, timezone.utc).replace(tzinfo=None)
+            wall_after = datetime.fromtimestamp(change + after, timezone.utc).replace(tzinfo=None)
+            if after > offset:  # spring forward: walls [wall_before, wall_after) never happen
+                if candidate_wall < wall_after:
+                    return change
+                start, inclusive = change, True
+            else:  # fall back: walls [wall_after, wall_before) happen twice
+                start, inclusive = change, True
+                if not self.every_hour:
+                    # Skip the repeated walls: continue from the wall the clock was at.
+                    start = change + (wall_before - wall_after).total_seconds()
+
+
+class EverySchedule:
+    """``@every <duration>``: fires every ``seconds`` of real time, counted from ``anchor``."""
+
+    every_hour = True
+
+    def __init__(self, seconds: float, anchor: float):
+        self.seconds = seconds
+        self.anchor = anchor
+
+    def next_after(self, t: float) -> float:
+        """Return the first instant anchor + k*seconds (k >= 1) strictly after ``t``."""
+        steps = max(0, math.floor((t - self.anchor) / self.seconds)) + 1
+        instant = self.anchor + steps * self.seconds
+        return instant if instant > t else instant + self.seconds
+
+
+def _parse_go_duration(text: str) -> float:
+    if not text or _GO_DURATION.sub("", text) != "":
+        raise ScheduleError(f"@every needs a duration like 5s, 1m30s or 1h, not {text!r}")
+    total = sum(float(number) * _GO_UNITS[unit] for number, unit in _GO_DURATION.findall(text))
+    # robfig/cron: under one second becomes one second, and fractions of a second are dropped.
+    return float(max(1, math.floor(total)))
+
+
+def _parse_field(text: str, index: int) -> str:
+    """Check one field with robfig/cron's rules and return it in croniter's numeric form."""
+    name, low, high, names = _FIELDS[index]
+
+    def number(token: str) -> int:
+        lowered = token.lower()
+        if names and lowered in names:
+            return names[lowered]
+        if not token.isdigit():
+            raise ScheduleError(f"{name} field: {token!r} is not a number"
+                                + (" or a name" if names else ""))
+        value = int(token)
+        if not low <= value <= high:
+            raise ScheduleError(f"{name} field: {value} is out of range {low}-{high}")
+        return value
+
+    parts = []
+    for item in text.split(","):
+        range_part, slash, step_part = item.partition("/")
+        if slash:
+            if not step_part.isdigit() or int(step_part) == 0:
+                raise ScheduleError(f"{name} field: step {step_part!r} must be a positive number")
+            step = int(step_part)
+        else:
+            step = 1
+        if range_part in ("*", "?"):
+            first, last = low, high
+            if step == 1:
+                parts.append("*")
+                continue
+        elif "-" in range_part:
+            first_text, _, last_text = range_part.partition("-")
+            first, last = number(first_text), number(last_text)
+            if first > last:
+                raise ScheduleError(f"{name} field: range {range_part!r} runs backwards")
+        else:
+            first = number(range_part)
+            last = high if slash else first  # robfig: "N/S" means N through the maximum, step S
+        parts.append(f"{first}-{last}/{step}" if step > 1 else
+                     (str(first) if first == last else f"{first}-{last}"))
+    return ",".join(parts)
+
+
+def parse_schedule(cron_time: str, zone: ZoneInfo, anchor: float = 0.0):
+    """Parse a cron_time the way the original (robfig/cron with seconds) does, and more.
+
+    Accepted: six fields seconds first; five standard fields (second 0); the descriptors
+    @yearly @annually @monthly @weekly @daily @midnight @hourly; ``@every <Go duration>``
+    counted from ``anchor``; an optional ``CRON_TZ=<zone> `` or ``TZ=<zone> `` prefix that
+    overrides ``zone``. Returns a CronSchedule or an EverySchedule; raises ScheduleError with
+    a message saying what is wrong.
+    """
+    if not isinstance(cron_time, str):
+        raise ScheduleError("must be a string")
+    text = cron_time.strip()
+    if text.startswith(("CRON_TZ=", "TZ=")):
+        prefix, _, text = text.partition(" ")
+        zone = load_zone(prefix.partition("=")[2])
+        text = text.strip()
+    if not text:
+        raise ScheduleError("is empty")
+    if text.startswith("@"):
+        if text.startswith("@every"):
+            return EverySchedule(_parse_go_duration(text[len("@every"):].strip()), anchor)
+        if text not in _DESCRIPTORS:
+            raise ScheduleError(f"unknown descriptor {text!r}")
+        text = _DESCRIPTORS[text]
+    fields = text.split()
+    if len(fields) == 5:
+        fields.insert(0, "0")
+    if len(fields) != 6:
+        raise ScheduleError(f"needs 6 fields (second minute hour day month weekday) or 5, "
+                            f"not {len(fields)}")
+    expression = " ".join(_parse_field(field, i) for i, field in enumerate(fields))
+    try:
+        schedule = CronSchedule(expression, zone, every_hour=expression.split()[2] == "*")
+        schedule.next_after(time.time())
+    except CroniterError as exc:
+        raise ScheduleError(str(exc)) from None
+    return schedule
+
+
+# Validation #################################################################################
+
+@dataclasses.dataclass(slots=True)
+class Entry:
+    """One webhook of a task. ``anchor`` is when an @every entry was put (UNIX seconds)."""
+
+    cron_time: str
+    url: str
+    headers: dict | None = None
+    body: Any = None
+    anchor: float = 0.0
+
+    def public(self) -> dict:
+        return {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
+                "body": self.body}
+
+
+@dataclasses.dataclass(slots=True)
+class Task:
+    """A named set of entries sharing a time zone and a running state."""
+
+    identity: str
+    time_zone: str
+    start: bool
+    entries: dict[str, Entry]
+
+    def public(self) -> dict:
+        return {"identity": self.identity, "time_zone": self.time_zone, "start": self.start,
+                "entries": {key: entry.public() for key, entry in self.entries.items()}}
+
+    def document(self, last: dict[str, float] | None = None) -> dict:
+        """Return what a store keeps: the public task, @every anchors and last fire times."""
+        doc = self.public()
+        doc["anchors"] = {k: e.anchor for k, e in self.entries.items() if e.anchor}
+        doc["last"] = dict(last or {})
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: dict) -> "Task":
+        anchors = doc.get("anchors") or {}
+        entries = {key: Entry(e["cron_time"], e["url"], e.get("headers"), e.get("body"),
+                              float(anchors.get(key, 0.0)))
+                   for key, e in doc["entries"].items()}
+        return cls(doc["identity"], doc["time_zone"], bool(doc["start"]), entries)
+
+
+def _check_json(value: Any, field: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and strings that are not valid Unicode."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValidationError(field, f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationError(field, "contains an unpaired surrogate") from None
+
+
+def _name(value: Any, field: str, limit: int = MAX_IDENTITY) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "must be a non-empty string")
+    if len(value) > limit:
+        raise ValidationError(field, f"must be at most {limit} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError(field, "must not contain control characters")
+    return value
+
+
+def _identity(request: dict) -> str:
+    return _name(request.get("identity"), "identity")
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(field, "must be true or false")
+    return value
+
+
+def _url(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "must be a non-empty string")
+    if len(value) > MAX_URL:
+        raise ValidationError(field, f"must be at most {MAX_URL} characters")
+    if any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ValidationError(field, "must not contain spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValidationError(field, f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(field, "must be an http or https URL with a host")
+    return value
+
+
+def _headers(value: Any, field: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object of header names to string values")
+    if len(value) > MAX_HEADERS:
+        raise ValidationError(field, f"must have at most {MAX_HEADERS} headers")
+    for name, text in value.items():
+        if not HEADER_NAME.match(name):
+            raise ValidationError(f"{field}.{name}", "is not a valid header name")
+        if name.lower() in FORBIDDEN_HEADERS:
+            raise ValidationError(f"{field}.{name}", "is set by the service and cannot be given")
+        if not isinstance(text, str):
+            raise ValidationError(f"{field}.{name}", "must be a string")
+        if any(c in text for c in "\r\n\0"):
+            raise ValidationError(f"{field}.{name}", "must not contain line breaks")
+    return value
+
+
+def validate_task(request: Any, now: float) -> Task:
+    """Turn a /put request into a Task, or raise ValidationError naming the field.
+
+    ``now`` becomes the anchor of @every entries. ``start`` defaults to false and
+    ``time_zone`` to "UTC", as the original's zero values.
+    """
+    if not isinstance(request, dict):
+        raise ValidationError("", "request body must be a JSON object")
+    identity = _identity(request)
+    zone_name = request.get("time_zone", "UTC")
+    if not isinstance(zone_name, str) or not zone_name:
+        raise ValidationError("time_zone", "must be an IANA time zone name like Asia/Shanghai")
+    try:
+        zone = load_zone(zone_name)
+    except ScheduleError as exc:
+        raise ValidationError("time_zone", str(exc)) from None
+    start = _bool(request.get("start", False), "start")
+    entries_in = request.get("entries")
+    if not isinstance(entries_in, dict) or not entries_in:
+        raise ValidationError("entries", "must be a non-empty object of entries")
+    if len(entries_in) > MAX_ENTRIES:
+        raise ValidationError("entries", f"must have at most {MAX_ENTRIES} entries")
+    entries = {}
+    for key, spec in entries_in.items():
+        field = f"entries.{key}"
+        _name(key, f"entries key {key!r}")
+        if not isinstance(spec, dict):
+            raise ValidationError(field, "must be an object with cron_time and url")
+        unknown = set(spec) - {"cron_time", "url", "headers", "body", "next_date", "last_date"}
+        if unknown:
+            raise ValidationError(f"{field}.{sorted(unknown)[0]}", "is not a known entry field")
+        cron_time = spec.get("cron_time")
+        try:
+            parse_schedule(cron_time, zone, now)
+        except ScheduleError as exc:
+            raise ValidationError(f"{field}.cron_time", str(exc)) from None
+        _check_json(spec.get("body"), f"{field}.body")
+        entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
+                             _headers(spec.get("headers"), f"{field}.headers"),
+                             spec.get("body"), anchor=now)
+    return Task(identity, zone_name, start, entries)
+
+
+def validate_search(request: dict) -> dict:
+    """Return the normalised /search query, or raise ValidationError naming the field."""
+    query: dict[str, Any] = {"type": None, "identity": None, "gte": None, "lte": None,
+                             "limit": 20, "skip": 0}
+    kind = request.get("type")
+    if kind not in (None, "") and kind not in LOG_TYPES:
+        raise ValidationError("type", f"must be one of {', '.join(LOG_TYPES)}")
+    query["type"] = kind or None
+    identity = request.get("identity")
+    if identity not in (None, ""):
+        query["identity"] = _name(identity, "identity")
+    span = request.get("time")
+    if span is not None:
+        if not isinstance(span, dict):
+            raise ValidationError("time", "must be an object with gte and/or lte")
+        for side in ("gte", "lte"):
+            value = span.get(side)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValidationError(f"time.{side}", "must be a number of UNIX seconds")
+                query[side] = value
+    for name, low, high in (("limit", 1, MAX_SEARCH_LIMIT), ("skip", 0, MAX_SEARCH_WINDOW)):
+        value = request.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValidationError(name, f"must be a whole number from {low} to {high}")
+            query[name] = value
+    if query["skip"] + query["limit"] > MAX_SEARCH_WINDOW:
+        raise ValidationError("skip", f"skip + limit must be at most {MAX_SEARCH_WINDOW}")
+    return query
+
+
+def make_log(kind: str, identity: str, **fields: Any) -> dict:
+    """Return a log record: type, identity, time (UNIX seconds) and the given fields."""
+    now = time.time()
+    record = {"type": kind, "identity": identity, "time": int(now), **fields}
+    record["_id"] = uuid.uuid4().hex
+    record["_ts"] = now
+    return record
+
+
+def _public_log(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("_id", "_ts")}
+
+
+# Stores #####################################################################################
+#
+# One small interface, two implementations. A store keeps task documents (Task.document())
+# and log records (make_log()); it raises StoreError when it cannot do what was asked.
+#
+#   save_task(doc)          durable before it returns
+#   delete_task(identity)   the task, its last fire times (not its logs)
+#   load_tasks()            every task document, with "last" filled in from the logs' fires
+#   append_logs(records)    idempotent: a record's "_id" written twice is stored once
+#   search(query)           validate_search()'s query -> {"total": n, "records": [...]}
+#   clear(identity)         delete that identity's logs, return how many
+#   health()                {"store": kind, "ok": bool, ...}
+#   close()
+
+def _fire_times(records: Iterable[dict]) -> dict[tuple[str, str], float]:
+    """Return the latest scheduled instant per (identity, key) among fire logs."""
+    latest: dict[tuple[str, str], float] = {}
+    for record in records:
+        if record["type"] in ("success", "error") and "scheduled" in record:
+            slot = (record["identity"], record["key"])
+            latest[slot] = max(latest.get(slot, 0.0), record["scheduled"])
+    return latest
+
+
+def search_reply(result: dict, index: str) -> dict:
+    """Shape a store's search result as Elasticsearch answers it, as the original replied."""
+    return {"hits": {"total": {"value": result["total"], "relation": "eq"},
+                     "max_score": None,
+                     "hits": [{"_index": index, "_type": "_doc", "_id": record["_id"],
+                               "_score": None, "_source": _public_log(record)}
+                              for record in result["records"]]}}
+
+
+class SQLiteStore:
+    """The embedded default: one SQLite file in WAL mode under the data folder."""
+
+    kind = "sqlite"
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS tasks (identity TEXT PRIMARY KEY, doc TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS last_fire (identity TEXT, key TEXT, at REAL,
+                                              PRIMARY KEY (identity, key));
+        CREATE TABLE IF NOT EXISTS logs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL,
+            type TEXT NOT NULL, identity TEXT NOT NULL, time INTEGER NOT NULL,
+            ts REAL NOT NULL, doc TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS logs_identity ON logs (identity, ts);
+        CREATE INDEX IF NOT EXISTS logs_type ON logs (type, ts);
+        CREATE INDEX IF NOT EXISTS logs_ts ON logs (ts);
+    """
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "schedule.db")
+        try:
+            self._write = self._connect()
+            self._write.executescript(self.SCHEMA)
+            self._read = self._connect()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from None
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the reply: kill -9 safe
+        return db
+
+    def _writing(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        with self._write_lock:
+            try:
+                self._write.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(self._write)
+                except BaseException:
+                    self._write.execute("ROLLBACK")
+                    raise
+                self._write.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from None
+
+    def _reading(self, sql: str, args: tuple = ()) -> list:
+        with self._read_lock:
+            try:
+                return self._read.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from None
+
+    def save_task(self, doc: dict) -> None:
+        text = json.dumps({k: v for k, v in doc.items() if k != "last"})
+        self._writing(lambda db: db.execute(
+            "INSERT OR REPLACE INTO tasks (identity, doc) VALUES (?, ?)", (doc["identity"], text)))
+
+    def delete_task(self, identity: str) -> None:
+        def work(db):
+            db.execute("DELETE FROM tasks WHERE identity = ?", (identity,))
+            db.execute("DELETE FROM last_fire WHERE identity = ?", (identity,))
+        self._writing(work)
+
+    def load_tasks(self) -> Iterator[dict]:
+        last: dict[str, dict[str, float]] = {}
+        for identity, key, at in self._reading("SELECT identity, key, at FROM last_fire"):
+            last.setdefault(identity, {})[key] = at
+        for identity, text in self._reading("SELECT identity, doc FROM tasks"):
+            doc = json.loads(text)
+            doc["last"] = last.get(identity, {})
+            yield doc
+
+    def append_logs(self, records: list[dict]) -> None:
+        rows = [(r["_id"], r["type"], r["identity"], r["time"], r["_ts"],
+                 json.dumps(_public_log(r))) for r in records]
+        fires = [(i, k, at) for (i, k), at in _fire_times(records).items()]
+
+        def work(db):
+            db.executemany("INSERT OR REPLACE INTO logs (id, type, identity, time, ts, doc) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO last_fire (identity, key, at) VALUES (?, ?, ?) "
+                           "ON CONFLICT (identity, key) DO UPDATE SET at = max(at, excluded.at)",
+                           fires)
+        self._writing(work)
+
+    def search(self, query: dict) -> dict:
+        where, args = [], []
+        for column in ("type", "identity"):
+            if query[column] is not None:
+                where.append(f"{column} = ?")
+                args.append(query[column])
+        if query["gte"] is not None:
+            where.append("time >= ?")
+            args.append(query["gte"])
+        if query["lte"] is not None:
+            where.append("time <= ?")
+            args.append(query["lte"])
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = self._reading(f"SELECT count(*) FROM logs {clause}", tuple(args))[0][0]
+        rows = self._reading(f"SELECT id, doc FROM logs {clause} ORDER BY ts DESC, seq DESC "
+                             f"LIMIT ? OFFSET ?", (*args, query["limit"], query["skip"]))
+        return {"total": total, "records": [{**json.loads(doc), "_id": id_} for id_, doc in rows]}
+
+    def clear(self, identity: str) -> int:
+        return self._writing(lambda db: db.execute(
+            "DELETE FROM logs WHERE identity = ?", (identity,)).rowcount)
+
+    def health(self) -> dict:
+        try:
+            self._reading("SELECT 1")
+            return {"store": self.kind, "ok": True, "path": self.path}
+        except StoreError as exc:
+            return {"store": self.kind, "ok": False, "path": self.path, "reason": str(exc)}
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._write.close()
+            self._read.close()
+
+
+class ElasticsearchStore:
+    """Tasks and logs in Elasticsearch, through the official client (7.17, 8.x or 9.x).
+
+    Logs go to ``[elasticsearch] default_index`` as the original's did; tasks to
+    ``<default_index>-tasks``, one document per identity. Indices we create have explicit
+    mappings with ``dynamic: false``: the users' body, header and response objects are kept in
+    _source but never indexed, so arbitrary JSON cannot break indexing. An index made earlier
+    by the Go service (identity and type as text with a .keyword sub-field) keeps working:
+    filters use the keyword sub-field there, so they stay exact.
+    """
+
+    kind = "elasticsearch"
+    LOG_MAPPING = {"dynamic": False, "properties": {
+        "type": {"type": "keyword"}, "identity": {"type": "keyword"},
+        "key": {"type": "keyword"}, "url": {"type": "keyword", "ignore_above": 2048},
+        "time": {"type": "long"}, "@timestamp": {"type": "date", "format": "epoch_millis"},
+        "scheduled": {"type": "double"}, "status": {"type": "integer"},
+        "duration_ms": {"type": "float"}, "message": {"type": "text"},
+        "body": {"type": "object", "enabled": False},
+        "header": {"type": "object", "enabled": False},
+        "response": {"type": "object", "enabled": False}}}
+    TASK_MAPPING = {"dynamic": False, "properties": {
+        "identity": {"type": "keyword"},
+        "task": {"type": "object", "enabled": False},
+        "last": {"type": "object", "enabled": False}}}
+
+    def __init__(self, config: Config):
+        import elasticsearch  # only this store needs the client
+
+        self._major = int(elasticsearch.__versionstr__.split(".")[0])
+        options: dict[str, Any] = {"max_retries": 1, "retry_on_timeout": False}
+        timeout_option = "timeout" if self._major < 8 else "request_timeout"
+        options[timeout_option] = config.es_timeout
+        if config.es_cloud_id:
+            options["cloud_id"] = config.es_cloud_id
+        else:
+            options["hosts"] = [host if "://" in host else f"http://{host}"
+                                for host in (h.strip() for h in config.es_hosts.split(","))
+                                if host]
+        if config.es_username:  # 7.17 silently ignores basic_auth=: each major its own name
+            auth_option = "http_auth" if self._major < 8 else "basic_auth"
+            options[auth_option] = (config.es_username, config.es_password)
+        if config.es_api_key:
+            options["api_key"] = config.es_api_key
+        if config.es_ca_certs:
+            options["ca_certs"] = config.es_ca_certs
+        if not config.es_verify_certs:
+            options["verify_certs"] = False
+        self._errors = tuple({getattr(elasticsearch, name) for name in (
+            "TransportError", "ApiError", "ConnectionError", "ConnectionTimeout",
+            "SerializationError") if hasattr(elasticsearch, name)})
+        try:
+            self._es = elasticsearch.Elasticsearch(**options)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"elasticsearch settings: {exc}") from None
+        self.index = config.es_default_index
+        self.tasks_index = f"{self.index}-tasks"
+        self._hosts = options.get("hosts") or ["cloud"]
+        self._fields = {"identity": "identity", "type": "type"}
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._dirty = threading.Event()  # a log was written since the last refresh
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a client method (dotted for namespaces); return the body as plain data."""
+        target = self._es
+        for part in method.split("."):
+            target = getattr(target, part)
+        try:
+            response = target(*args, **kwargs)
+        except self._errors as exc:
+            raise StoreError(f"elasticsearch {method}: {exc}") from None
+        return getattr(response, "body", response)
+
+    def _ensure(self) -> None:
+        """Create missing indices; learn the field names of an index made by the Go service."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            for index, mapping in ((self.index, self.LOG_MAPPING),
+                                   (self.tasks_index, self.TASK_MAPPING)):
+                if not bool(self._call("indices.exists", index=index)):
+                    try:
+                        self._call("indices.create", index=index, mappings=mapping)
+                    except StoreError as exc:
+                        if "resource_already_exists" not in str(exc):
+                            raise
+            mapping = self._call("indices.get_mapping", index=self.index)
+            properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+            for name in self._fields:
+                spec = properties.get(name, {})
+                keyword = spec.get("fields", {}).get("keyword", {}).get("type") == "keyword"
+                self._fields[name] = f"{name}.keyword" if spec.get("type") == "text" and \
+                    keyword else name
+            missing = {name: spec for name, spec in self.LOG_MAPPING["properties"].items()
+                       if name not in properties}
+            if missing:  # an older index: add what it lacks, so our fields are typed right
+                try:
+                    if self._major < 8:
+                        self._call("indices.put_mapping", index=self.index,
+                                   body={"properties": missing})
+                    else:
+                        self._call("indices.put_mapping", index=self.index, properties=missing)
+                except StoreError as exc:
+                    log.warning("could not extend the mapping of %s: %s", self.index, exc)
+            self._ready = True
+
+    def save_task(self, doc: dict) -> None:
+        self._ensure()
+        task = {k: v for k, v in doc.items() if k != "last"}
+        self._call("index", index=self.tasks_index, id=doc["identity"],
+                   document={"identity": doc["identity"], "task": task,
+                             "last": doc.get("last") or {}})
+
+    def delete_task(self, identity: str) -> None:
+        self._ensure()
+        try:
+            self._call("delete", index=self.tasks_index, id=identity)
+        except StoreError as exc:
+            if "404" not in str(exc) and "not_found" not in str(exc).lower():
+                raise
+
+    def load_tasks(self) -> Iterator[dict]:
+        self._ensure()
+        self._call("indices.refresh", index=self.tasks_index)
+        after = None
+        while True:
+            extra = {"search_after": after} if after else {}
+            page = self._call("search", index=self.tasks_index, size=1000,
+                              sort=[{"identity": "asc"}], query={"match_all": {}}, **extra)
+            hits = page["hits"]["hits"]
+            for hit in hits:
+                doc = hit["_source"]["task"]
+                doc["last"] = hit["_source"].get("last") or {}
+                yield doc
+            if len(hits) < 1000:
+                return
+            after = hits[-1]["sort"]
+
+    def append_logs(self, records: list[dict]) -> None:
+        self._ensure()
+        lines: list[dict] = []
+        for record in records:
+            lines.append({"index": {"_index": self.index, "_id": record["_id"]}})
+            lines.append({**_public_log(record), "@timestamp": int(record["_ts"] * 1000)})
+        for (identity, key), at in _fire_times(records).items():
+            lines.append({"update": {"_index": self.tasks_index, "_id": identity}})
+            lines.append({"doc": {"last": {key: at}}})
+        reply = self._call("bulk", body=lines)
+        self._dirty.set()
+        if not reply.get("errors"):
+            return
+        retry = []
+        for item in reply["items"]:
+            action, result = next(iter(item.items()))
+            status = result.get("status", 500)
+            if status < 300 or (action == "update" and status == 404):  # a deleted task
+                continue
+            if status == 429 or status >= 500:
+                retry.append(result)
+            else:
+                log.error("elasticsearch refused log %s: %s", result.get("_id"),
+                          result.get("error"))
+        if retry:  # the whole batch goes again; record ids make that idempotent
+            raise StoreError(f"elasticsearch bulk: {len(retry)} items failed, first: "
+                             f"{retry[0].get('error')}")
+
+    def search(self, query: dict) -> dict:
+        self._ensure()
+        self._refresh_if_written()
+        filters: list[dict] = []
+        for name in ("type", "identity"):
+            if query[name] is not None:
+                filters.append({"term": {self._fields[name]: query[name]}})
+        span = {side: query[side] for side in ("gte", "lte") if query[side] is not None}
+        if span:
+            filters.append({"range": {"time": span}})
+        reply = self._call(
+            "search", index=self.index, query={"bool": {"filter": filters}},
+            size=query["limit"], from_=query["skip"], track_total_hits=True,
+            sort=[{"time": {"order": "desc"}},
+                  {"@timestamp": {"order": "desc", "unmapped_type": "date"}}])
+        records = []
+        for hit in reply["hits"]["hits"]:
+            source = {k: v for k, v in hit["_source"].items() if k != "@timestamp"}
+            records.append({**source, "_id": hit["_id"]})
+        return {"total": reply["hits"]["total"]["value"], "records": records}
+
+    def _refresh_if_written(self) -> None:
+        # Read your writes (an API call's log is searchable once it replied) without paying
+        # a refresh on every write: refresh before a read only when something was written.
+        if self._dirty.is_set():
+            self._dirty.clear()
+            self._call("indices.refresh", index=self.index)
+
+    def clear(self, identity: str) -> int:
+        self._ensure()
+        self._refresh_if_written()
+        reply = self._call("delete_by_query", index=self.index, refresh=True,
+                           conflicts="proceed",
+                           body={"query": {"term": {self._fields["identity"]: identity}}})
+        return reply.get("deleted", 0)
+
+    def health(self) -> dict:
+        state = {"store": self.kind, "hosts": self._hosts, "index": self.index}
+        try:
+            ok = bool(self._es.ping())
+        except Exception as exc:  # ping() returns False on most errors; be sure
+            ok, state["reason"] = False, str(exc)
+        return {**state, "ok": ok}
+
+    def close(self) -> None:
+        self._es.close()
+
+
+# Log writer #################################################################################
+
+class LogWriter:
+    """Batch log records into the store from one background thread.
+
+    write() queues a fire's record and returns at once; records reach the store at most
+    ``interval`` seconds later. write_now() stores an API call's record before returning, so
+    that /search sees it when the call has replied. When the store fails, records go to a
+    spool folder on disk (bounded by ``spool_max_bytes``) and are shipped when it answers
+    again, also after a restart; stores overwrite by record id, so a retried batch is never
+    doubled.
+    """
+
+    def __init__(self, store, spool_dir: str, interval: float = 0.5, max_batch: int = 2000,
+                 spool_max_bytes: int = 256 << 20):
+        self._store = store
+        self._spool_dir = spool_dir
+        self._interval = interval
+        self._max_batch = max_batch
+        self._spool_max_bytes = spool_max_bytes
+        self._pending: list[dict] = []
+        self._cond = threading.Condition()  # guards _pending and _closing
+        self._closing = False
+        self._spool_lock = threading.Lock()  # guards the spool folder
+        self.dropped = 0
+        os.makedirs(spool_dir, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, record: dict) -> None:
+        """Queue one record for the next batch."""
+        with self._cond:
+            self._pending.append(record)
+            if len(self._pending) >= self._max_batch:
+                self._cond.notify()
+
+    def write_now(self, record: dict) -> None:
+        """Store one record before returning (spooled if the store fails)."""
+        self._store_or_spool([record])
+
+    def backlog(self) -> int:
+        """Return how many records wait in memory."""
+        with self._cond:
+            return len(self._pending)
+
+    def spooled_files(self) -> list[str]:
+        return sorted(name for name in os.listdir(self._spool_dir) if name.endswith(".jsonl"))
+
+    def _store_or_spool(self, batch: list[dict]) -> bool:
+        try:
+            self._store.append_logs(batch)
+            return True
+        except StoreError as exc:
+            log.warning("log store failed (%s); spooling %d records", exc, len(batch))
+            self._spool(batch)
+            return False
+
+    def _spool(self, batch: list[dict]) -> None:
+        data = "".join(json.dumps(record) + "\n" for record in batch).encode()
+        with self._spool_lock:
+            used = sum(os.path.getsize(os.path.join(self._spool_dir, name))
+                       for name in self.spooled_files())
+            if used + len(data) > self._spool_max_bytes:
+                self.dropped += len(batch)
+                log.error("log spool full (%d bytes); dropped %d records", used, len(batch))
+                return
+            name = os.path.join(self._spool_dir, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
+            with open(name + ".tmp", "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(name + ".tmp", name + ".jsonl")
+
+    def ship_spool(self) -> bool:
+        """Send spooled files to the store, oldest first; return True when none is left."""
+        with self._spool_lock:
+            for name in self.spooled_files():
+                path = os.path.join(self._spool_dir, name)
+                with open(path, encoding="utf-8") as handle:
+                    records = [json.loads(line) for line in handle if line.strip()]
+                try:
+                    for start in range(0, len(records), self._max_batch):
+                        self._store.append_logs(records[start:start + self._max_batch])
+                except StoreError as exc:
+                    log.info("spool not shipped yet: %s", exc)
+                    return False
+                os.remove(path)
+                log.info("shipped %d spooled log records", len(records))
+        return True
+
+    def _run(self) -> None:
+        retry_at = 0.0
+        while True:
+            with self._cond:
+                if not self._closing and len(self._pending) < self._max_batch:
+                    self._cond.wait(self._interval)
+                batch = self._pending[:self._max_batch]
+                del self._pending[:self._max_batch]
+                closing = self._closing and not self._pending
+            if batch:
+                self._store_or_spool(batch)
+            if time.monotonic() >= retry_at and self.spooled_files():
+                retry_at = 0.0 if self.ship_spool() else time.monotonic() + 2.0
+            if closing:
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush every queued record (to the store, or to the spool) and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        with self._cond:
+            rest, self._pending = self._pending, []
+        if rest:  # the thread did not finish in time: keep the records on disk
+            self._spool(rest)
+
+
+# Webhook delivery ###########################################################################
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Report a 3xx as it is: urllib would turn a redirected POST into a GET without body."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect())
+
+
+def rfc3339(instant: float | None, zone: ZoneInfo) -> str:
+    """Format an instant as RFC 3339 in the zone, with seconds ("Z" for UTC, as Go does)."""
+    if instant is None:
+        return ZERO_DATE
+    text = datetime.fromtimestamp(instant, zone).replace(microsecond=0).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def fire_id(identity: str, key: str, scheduled: float) -> str:
+    """Return a stable id of one fire: the same on every retry, different for every instant."""
+    return hashlib.sha256(f"{identity}\n{key}\n{scheduled!r}".encode()).hexdigest()[:32]
+
+
+def _read_response(response, limit: int) -> Any:
+    data = response.read(limit + 1)
+    text = data[:limit].decode("utf-8", errors="replace")
+    if len(data) <= limit:
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def deliver(identity: str, key: str, entry: Entry, scheduled: float, zone: ZoneInfo,
+            timeout: float = 10.0, max_response_bytes: int = 64 << 10) -> dict:
+    """POST one fire of an entry and return its log record (type success or error).
+
+    The entry's body goes as JSON (no body when it has none) with its headers, a User-Agent
+    and X-Schedule-* headers a receiver can deduplicate on. A reply outside 2xx, a timeout
+    or an unreachable host is an error record; this function never raises for them.
+    """
+    headers = {"User-Agent": USER_AGENT, "X-Schedule-Identity": identity,
+               "X-Schedule-Key": key, "X-Schedule-Time": rfc3339(scheduled, zone),
+               "X-Schedule-Fire-Id": fire_id(identity, key, scheduled)}
+    data = None
+    if entry.body is not None:
+        data = json.dumps(entry.body).encode()
+        headers["Content-Type"] = "application/json"
+    headers.update(entry.headers or {})
+    request = urllib.request.Request(entry.url, data=data, headers=headers, method="POST")
+    started = time.monotonic()
+    status, response, problem = None, None, None
+    try:
+        with _OPENER.open(request, timeout=timeout) as reply:
+            status = reply.status
+            response = _read_response(reply, max_response_bytes)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        response = _read_response(exc, max_response_bytes)
+        problem = f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        problem = f"request failed: {reason or type(reason).__name__}"
+    fields = {"key": key, "url": entry.url, "header": entry.headers, "body": entry.body,
+              "status": status, "response": response, "scheduled": scheduled,
+              "duration_ms": round((time.monotonic() - started) * 1000, 3)}
+    if problem is None and not 200 <= status < 300:
+        problem = f"HTTP {status}"
+    if problem is None:
+        return make_log("success", identity, **fields)
+    return make_log("error", identity, message=[problem], **fields)
+
+
+# Scheduler ##################################################################################
+
+class Clock:
+    """Real time. Tests pass a clock of their own with the same two methods."""
+
+    def now(self) -> float:
+        """Return the current instant in UNIX seconds."""
+        return time.time()
+
+    def wait(self, event: threading.Event, timeout: float) -> None:
+        """Block until ``event`` is set or ``timeout`` seconds have passed."""
+        event.wait(timeout)
+
+
+class _Slot:
+    """The scheduler's state of one live entry: its schedule and its next and last fires."""
+
+    __slots__ = ("identity", "key", "entry", "schedule", "zone", "next", "last", "live")
+
+    def __init__(self, identity, key, entry, schedule, zone, last):
+        self.identity, self.key, self.entry = identity, key, entry
+        self.schedule, self.zone = schedule, zone
+        self.next: float | None = None
+        self.last: float | None = last
+        self.live = False
+
+
+class _Pool:
+    """A fixed number of worker threads taking jobs from one queue, so that a slow webhook
+    holds one worker, never the timer or the other entries' fires."""
+
+    def __init__(self, size: int, work: Callable[[Any], None]):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._work = work
+        self._threads = [threading.Thread(target=self._run, name=f"webhook-{i}", daemon=True)
+                         for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Any) -> None:
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                self._work(job)
+            except Exception:  # a bug in one delivery must not kill the worker
+                log.exception("webhook worker failed")
+
+    def stop(self, timeout: float) -> int:
+        """Drop jobs not yet started, let running ones finish within ``timeout``; return the
+        number dropped."""
+        dropped = 0
+        while True:
+            try:
+                if self._queue.get_nowait() is not None:
+                    dropped += 1
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return dropped
+
+
+class Scheduler:
+    """Fire entries at their instants: one timer thread over a heap, a pool of workers.
+
+    ``fire(identity, key, entry, scheduled, zone)`` runs on a worker for each fire. The timer
+    thread only pops due items, computes their next instants and hands them over: it never
+    does I/O. Fires that were missed while a task was paused or the service stopped are not
+    replayed; fires due while the workers are busy are late, never dropped (a fire more than
+    LATE_REPLAY_LIMIT seconds behind, as after a suspended host, is skipped with a warning).
+    """
+
+    def __init__(self, fire: Callable[[str, str, Entry, float, ZoneInfo], None],
+                 clock: Clock | None = None, workers: int = 32):
+        self._fire = fire
+        self._clock = clock or Clock()
+        self._workers = workers
+        self._lock = threading.Lock()  # guards _tasks, _slots, _heap, _stale, _schedules
+        self._tasks: dict[str, Task] = {}
+        self._slots: dict[str, dict[str, _Slot]] = {}
+        self._heap: list[tuple[float, int, _Slot]] = []
+        self._stale = 0
+        self._seq = itertools.count()
+        self._schedules: dict[tuple[str, str], CronSchedule] = {}  # shared by equal entries
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._pool: _Pool | None = None
+
+    # -- the registry, called from request threads --
+
+    def _schedule(self, entry: Entry, zone: ZoneInfo, zone_name: str):
+        if entry.cron_time.strip().startswith("@every"):
+            return parse_schedule(entry.cron_time, zone, entry.anchor)
+        cache_key = (entry.cron_time, zone_name)
+        schedule = self._schedules.get(cache_key)
+        if schedule is None:
+            schedule = self._schedules[cache_key] = parse_schedule(entry.cron_time, zone)
+        return schedule
+
+    def _kill(self, identity: str) -> dict[str, _Slot]:
+        slots = self._slots.pop(identity, {})
+        for slot in slots.values():
+            if slot.live:
+                slot.live = False
+                self._stale += 1
+        return slots
+
+    def _arm(self, slot: _Slot, now: float, keep_next: float | None = None) -> None:
+        try:
+            slot.next = keep_next if keep_next is not None else slot.schedule.next_after(now)
+        except ScheduleError:
+            slot.next = None
+            return
+        slot.live = True
+        heapq.heappush(self._heap, (slot.next, next(self._seq), slot))
+
+    def put(self, task: Task, last: dict[str, float] | None = None) -> None:
+        """Add or replace a task. Entries whose schedule is unchanged keep their next fire
+        and last fire; others start from now. Raises ScheduleError for a bad cron_time."""
+        zone = load_zone(task.time_zone)
+        with self._lock:
+            schedules = {key: self._schedule(entry, zone, task.time_zone)
+                         for key, entry in task.entries.items()}
+            now = self._clock.now()
+            old_task = self._tasks.get(task.identity)
+            old = self._kill(task.identity)
+            slots = {}
+            for key, entry in task.entries.items():
+                before = old.get(key)
+                same = (before is not None and old_task.time_zone == task.time_zone
+                        and before.entry.cron_time == entry.cron_time
+                        and before.entry.anchor == entry.anchor)
+                slot = _Slot(task.identity, key, entry, schedules[key], zone,
+                             before.last if same else (last or {}).get(key))
+                if task.start:
+                    self._arm(slot, now, before.next if same and before.live else None)
+                slots[key] = slot
+            self._tasks[task.identity] = task
+            self._slots[task.identity] = slots
+            self._compact()
+            self._wake.set()
+
+    def set_running(self, identity: str, running: bool) -> bool:
+        """Pause or resume a task; return False if it does not exist. Resuming starts from
+        now: fires missed while paused are not replayed."""
+        with self._lock:
+            task = self._tasks.get(identity)
+            if task is None:
+                return False
+            self._tasks[identity] = dataclasses.replace(task, start=running)
+            now = self._clock.now()
+            for slot in self._slots[identity].values():
+                if running and not slot.live:
+                    self._arm(slot, now)
+                elif not running and slot.live:
+                    slot.live = False
+                    slot.next = None
+                    self._stale += 1
+            self._compact()
+            self._wake.set()
+            return True
+
+    def delete(self, identity: str) -> bool:
+        """Remove a task at once; return False if it did not exist."""
+        with self._lock:
+            self._kill(identity)
+            self._compact()
+            return self._tasks.pop(identity, None) is not None
+
+    def task(self, identity: str) -> Task | None:
+        with self._lock:
+            return self._tasks.get(identity)
+
+    def identities(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tasks)
+
+    def dates(self, identity: str) -> dict[str, tuple[float | None, float | None]]:
+        """Return {key: (next fire, last fire)} of a task's entries (None where there is none)."""
+        with self._lock:
+            return {key: (slot.next if slot.live else None, slot.last)
+                    for key, slot in self._slots.get(identity, {}).items()}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    def _compact(self) -> None:
+        # Stale heap items are skipped when popped; rebuild when they are the larger part.
+        if self._stale > 1024 and self._stale * 2 > len(self._heap):
+            self._heap = [item for item in self._heap if item[2].live and item[2].next == item[0]]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    # -- the timer thread --
+
+    def start(self) -> None:
+        """Start the timer thread and the webhook workers."""
+        self._pool = _Pool(self._workers, self._run_fire)
+        self._thread = threading.Thread(target=self._run, name="timer", daemon=True)
+        self._thread.start()
+
+    def _run_fire(self, job: tuple[_Slot, float]) -> None:
+        slot, scheduled = job
+        self._fire(slot.identity, slot.key, slot.entry, scheduled, slot.zone)
+
+    def _pop_due(self, now: float) -> list[tuple[_Slot, float]]:
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            at, _, slot = heapq.heappop(self._heap)
+            if not slot.live or slot.next != at:
+                self._stale -= 1
+                continue
+            slot.last = at
+            try:
+                following = slot.schedule.next_after(at)
+                if following < now - LATE_REPLAY_LIMIT:
+                    log.warning("%s/%s is %.0f s behind (host suspended?); skipping to now",
+                                slot.identity, slot.key, now - following)
+                    following = slot.schedule.next_after(now)
+            except Exception:
+                log.exception("no next fire for %s/%s", slot.identity, slot.key)
+                slot.live, slot.next = False, None
+            else:
+                slot.next = following
+                heapq.heappush(self._heap, (following, next(self._seq), slot))
+            due.append((slot, at))
+        return due
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                now = self._clock.now()
+                due = self._pop_due(now)
+                timeout = self._heap[0][0] - now if self._heap else TIMER_MAX_WAIT
+                self._wake.clear()
+            for job in due:
+                self._pool.submit(job)
+            if not due:
+                self._clock.wait(self._wake, min(max(timeout, 0.0), TIMER_MAX_WAIT))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop firing; let webhooks in flight finish within ``timeout`` seconds."""
+        with self._lock:
+            self._stopping = True
+            self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        if self._pool:
+            dropped = self._pool.stop(timeout)
+            if dropped:
+                log.warning("shutdown: %d queued fires not sent", dropped)
+
+
+# Service ####################################################################################
+
+class Service:
+    """The eight operations of the API as plain methods; no HTTP in here.
+
+    Each takes the request object and returns the reply's data (None for a plain "ok"), or
+    raises ValidationError (the client's mistake; nothing changed) or StoreError (the store
+    refused; nothing changed).
+    """
+
+    OPERATIONS = ("put", "get", "all", "lists", "running", "delete", "search", "clear")
+
+    def __init__(self, config: Config, store, writer: LogWriter, clock: Clock | None = None):
+        self._config = config
+        self._store = store
+        self._writer = writer
+        self._clock = clock or Clock()
+        self._scheduler = Scheduler(self._fire, self._clock, config.workers)
+        self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
+
+    def start(self) -> int:
+        """Load every stored task with its running state, start firing; return the count."""
+        count = 0
+        for doc in self._store.load_tasks():
+            try:
+                self._scheduler.put(Task.from_document(doc), doc.get("last"))
+                count += 1
+            except (ScheduleError, KeyError, TypeError, ValueError) as exc:
+                log.error("stored task %r cannot be scheduled: %s", doc.get("identity"), exc)
+        self._scheduler.start()
+        return count
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._scheduler.stop(timeout)
+
+    def _fire(self, identity: str, key: str, entry: Entry, scheduled: float, zone) -> None:
+        record = deliver(identity, key, entry, scheduled, zone, self._config.webhook_timeout,
+                         self._config.max_response_bytes)
+        log.debug("fired %s/%s: %s %s", identity, key, record["type"], record["status"])
+        self._writer.write(record)
+
+    def _require(self, identity: str) -> Task:
+        task = self._scheduler.task(identity)
+        if task is None:
+            raise NotFoundError(identity)
+        return task
+
+    def _view(self, task: Task) -> dict:
+        zone = load_zone(task.time_zone)
+        view = task.public()
+        for key, (next_at, last_at) in self._scheduler.dates(task.identity).items():
+            view["entries"][key]["next_date"] = rfc3339(next_at, zone)
+            view["entries"][key]["last_date"] = rfc3339(last_at, zone)
+        return view
+
+    def put(self, request: dict) -> None:
+        """Create or replace a task atomically; unchanged entries keep their fire times."""
+        task = validate_task(request, self._clock.now())
+        with self._lock:
+            old = self._scheduler.task(task.identity)
+            dates = self._scheduler.dates(task.identity)
+            last = {}
+            for key, entry in task.entries.items():
+                before = old.entries.get(key) if old else None
+                if before and before.cron_time == entry.cron_time and \
+                        old.time_zone == task.time_zone:
+                    entry.anchor = before.anchor
+                    if dates.get(key, (None, None))[1] is not None:
+                        last[key] = dates[key][1]
+            self._store.save_task(task.document(last))
+            self._scheduler.put(task, last)
+        self._writer.write_now(make_log("put", task.identity, body=task.public()))
+
+    def get(self, request: dict) -> dict:
+        return self._view(self._require(_identity(request)))
+
+    def all(self, request: dict) -> list:
+        return self._scheduler.identities()
+
+    def lists(self, request: dict) -> list:
+        identities = request.get("identity")
+        if not isinstance(identities, list) or len(identities) > MAX_LISTS:
+            raise ValidationError("identity", f"must be an array of at most {MAX_LISTS} "
+                                              "task identities")
+        views = []
+        for i, identity in enumerate(identities):
+            task = self._scheduler.task(_name(identity, f"identity[{i}]"))
+            if task is not None:
+                views.append(self._view(task))
+        return views
+
+    def running(self, request: dict) -> None:
+        identity = _identity(request)
+        running = _bool(request.get("running"), "running")
+        with self._lock:
+            task = self._require(identity)
+            last = {k: at for k, (_, at) in self._scheduler.dates(identity).items()
+                    if at is not None}
+            self._store.save_task(dataclasses.replace(task, start=running).document(last))
+            self._scheduler.set_running(identity, running)
+        self._writer.write_now(make_log("running", identity,
+                                        body={"identity": identity, "running": running}))
+
+    def delete(self, request: dict) -> None:
+        identity = _identity(request)
+        with self._lock:
+            self._require(identity)
+            self._store.delete_task(identity)
+            self._scheduler.delete(identity)
+        self._writer.write_now(make_log("delete", identity, body={"identity": identity}))
+
+    def search(self, request: dict) -> dict:
+        return search_reply(self._store.search(validate_search(request)),
+                            self._config.es_default_index)
+
+    def clear(self, request: dict) -> None:
+        self._store.clear(_identity(request))
+
+    def health(self) -> dict:
+        return {"version": __version__, "tasks": len(self._scheduler),
+                "log_backlog": self._writer.backlog(),
+                "log_spool_files": len(self._writer.spooled_files()), **self._store.health()}
+
+
+# HTTP #######################################################################################
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """JSON in, JSON out. A client's mistake is answered at once; anything else is logged
+    with its traceback in one place and answered with a 500 envelope."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server_version = USER_AGENT
+    sys_version = ""
+    disable_nagle_algorithm = True  # else a reply sent in two writes waits ~40 ms for an ACK
+    server: "_Server"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        # The base class answers malformed requests with HTML; ours are JSON like the rest.
+        self.close_connection = True
+        self._reply(code, {"error": 1, "msg": message or self.responses.get(code, ("",))[0]})
+
+    def _reply(self, status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()):
+        body = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:  # the client hung up; nothing to answer
+            self.close_connection = True
+
+    def _fail(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()):
+        self._reply(status, {"error": 1, "msg": message}, headers)
+
+    def _read_request(self) -> dict | None:
+        """Return the request object, or answer the client's mistake and return None."""
+        limit = self.server.config.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._fail(411, "send the body with a Content-Length, not chunked")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._fail(400, "Content-Length is not a number")
+            return None
+        if length > limit:
+            self.close_connection = True  # refuse without reading it
+            self._fail(413, f"request body is over {limit} bytes")
+            return None
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:  # the client hung up mid-body
+            self.close_connection = True
+            return None
+        if not raw.strip():
+            return {}
+        try:
+            request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            self._fail(200, "request body is not valid UTF-8")
+            return None
+        except RecursionError:
+            self._fail(200, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            return None
+        except ValueError as exc:
+            self._fail(200, f"request body is not valid JSON: {exc}")
+            return None
+        if not isinstance(request, dict):
+            self._fail(200, "request body must be a JSON object")
+            return None
+        try:
+            _check_json(request, "request body")
+        except ValidationError as exc:
+            self._fail(200, str(exc))
+            return None
+        return request
+
+    def _dispatch(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+        name = path[1:]
+        if path == "/health":
+            self._reply(200, {"error": 0, "data": self.server.service.health()})
+            return
+        if name not in Service.OPERATIONS:
+            self._fail(404, f"no endpoint {path}; endpoints: "
+                            + ", ".join("/" + op for op in Service.OPERATIONS))
+            return
+        if self.command != "POST":
+            self._fail(405, f"{path} takes POST", [("Allow", "POST")])
+            return
+        token = self.server.config.token
+        if token:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self._fail(401, "missing or wrong Authorization: Bearer <token>",
+                           [("WWW-Authenticate", "Bearer")])
+                return
+        request = self._read_request()
+        if request is None:
+            return
+        try:
+            data = getattr(self.server.service, name)(request)
+        except ValidationError as exc:
+            self._fail(200, str(exc))
+        except StoreError as exc:
+            log.warning("%s refused by the store: %s", path, exc)
+            self._fail(200, f"store unavailable, nothing changed: {exc}")
+        except Exception:
+            log.exception("%s failed", path)
+            self._fail(500, "internal error; the service log has the details")
+        else:
+            self._reply(200, {"error": 0, "msg": "ok"} if data is None else
+                        {"error": 0, "data": data})
+
+    do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 resets connections under a few dozen clients
+
+    def __init__(self, config: Config, service: Service):
+        self.config = config
+        self.service = service
+        handler = type("Handler", (_Handler,), {"timeout": config.request_timeout})
+        super().__init__((config.host, config.port), handler)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+
+def make_server(config: Config, service: Service) -> _Server:
+    """Return a bound (not yet serving) HTTP server for the service."""
+    return _Server(config, service)
+
+
+# Main #######################################################################################
+
+def open_store(config: Config):
+    """Return the Elasticsearch store when [elasticsearch] hosts is set, else SQLite."""
+    if config.es_hosts:
+        return ElasticsearchStore(config)
+    return SQLiteStore(config.data)
+
+
+class App:
+    """The whole service built from a Config: store, log writer, scheduler, service, server."""
+
+    def __init__(self, config: Config, clock: Clock | None = None):
+        self.config = config
+        self.store = open_store(config)
+        self.writer = LogWriter(self.store, os.path.join(config.data, "spool"),
+                                spool_max_bytes=config.spool_max_bytes)
+        self.service = Service(config, self.store, self.writer, clock)
+        self.server = make_server(config, self.service)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+    def start(self, background: bool = False) -> None:
+        """Load the tasks and start firing; serve in a thread if ``background``."""
+        count = self.service.start()
+        log.info("schedule-api %s listening on %s (store: %s, %d tasks)",
+                 __version__, self.url, self.store.kind, count)
+        if background:
+            self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let webhooks in flight finish, flush the logs, close the store."""
+        if self._thread:
+            self.server.shutdown()
+        self.server.server_close()
+        self.service.stop(timeout)
+        self.writer.close(timeout)
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the service until SIGTERM or SIGINT; return the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="config.ini to read (default: ./config.ini if present)")
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 3000)")
+    parser.add_argument("--data", help="data folder for the SQLite store and the log spool")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    path = args.config or ("config.ini" if os.path.exists("config.ini") else None)
+    try:
+        config = load_config(path, host=args.host, port=args.port, data=args.data,
+                             log_level=args.log_level and args.log_level.upper())
+    except ValidationError as exc:
+        print(f"schedule-api: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("elasticsearch", "elastic_transport"):  # a line per request at INFO
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    try:
+        app = App(config)
+    except (StoreError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    def stop(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=app.server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    app.start()
+    app.server.serve_forever()
+    app.close(config.webhook_timeout)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
