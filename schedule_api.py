@@ -886,6 +886,7 @@ class ElasticsearchStore:
         self._ready = False
         self._ready_lock = threading.Lock()
         self._dirty = threading.Event()  # a log was written since the last refresh
+        self._dirty.set()  # logs written before a restart are not yet searchable either
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a client method (dotted for namespaces); return the body as plain data."""
@@ -1628,10 +1629,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     with its traceback in one place and answered with a 500 envelope."""
 
     protocol_version = "HTTP/1.1"  # keep-alive
-    server_version = USER_AGENT
-    sys_version = ""
-    disable_nagle_algorithm = True  # else a reply sent in two writes waits ~40 ms for an ACK
     server: "_Server"
+
+    def version_string(self) -> str:
+        return USER_AGENT
+    disable_nagle_algorithm = True  # else a reply sent in two writes waits ~40 ms for an ACK
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -1802,7 +1804,8 @@ class App:
         log.info("schedule-api %s listening on %s (store: %s, %d tasks)",
                  __version__, self.url, self.store.kind, count)
         if background:
-            self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                            daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,981 @@
+"""Tests of schedule_api.py, grouped by the module's sections.
+
+Everything is real: the API through HTTP on 127.0.0.1, webhooks to a receiver on 127.0.0.1,
+SQLite on disk, and Elasticsearch on a real node when SCHEDULE_API_TEST_ES names one (always
+in CI: `.ci/run` starts it with `.ci/es-node`). Schedule arithmetic runs on plain instants and
+the scheduler on a fake clock; tests that must wait poll with a deadline.
+
+    pytest -q test_schedule_api.py                                    # SQLite only
+    SCHEDULE_API_TEST_ES=http://127.0.0.1:9200 pytest -q test_schedule_api.py
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import schedule_api as sa
+
+HERE = Path(__file__).resolve().parent
+ES_URL = os.environ.get("SCHEDULE_API_TEST_ES", "")
+STORES = ["sqlite", "elasticsearch"]
+NY = "America/New_York"
+
+
+# Helpers and fixtures #######################################################################
+
+def wait_until(predicate, timeout=5.0, interval=0.02, message="condition"):
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def post(url, path, body=None, headers=None, raw=None, method="POST"):
+    """Send one request; return (status, parsed JSON reply)."""
+    parts = url.split("//")[1]
+    host, port = parts.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers=headers or {})
+    reply = conn.getresponse()
+    text = reply.read()
+    conn.close()
+    return reply.status, json.loads(text) if text else None
+
+
+def ok(url, path, body=None):
+    status, reply = post(url, path, body)
+    assert status == 200 and reply["error"] == 0, reply
+    return reply.get("data")
+
+
+def local(text, zone):
+    return datetime.fromisoformat(text).replace(tzinfo=sa.load_zone(zone)).timestamp()
+
+
+class Receiver:
+    """A real webhook receiver on 127.0.0.1 that records what arrives.
+
+    Paths choose the answer: /slow sleeps 2 s, /status/<code> answers that code, anything
+    else 200 with {"ok": true}.
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                           "body": body, "at": time.time()})
+                if self.path == "/slow":
+                    time.sleep(2)
+                match = re.match(r"/status/(\d+)", self.path)
+                status = int(match.group(1)) if match else 200
+                reply = b'{"ok": true}' if status == 200 else b"nope"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def received(self, path=None):
+        with self.lock:
+            return [r for r in self.requests if path is None or r["path"] == path]
+
+    def wait_for(self, count, path=None, timeout=5.0):
+        return wait_until(lambda: len(self.received(path)) >= count and self.received(path),
+                          timeout, message=f"{count} webhooks to {path or 'any path'}")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+class FakeClock(sa.Clock):
+    """Time that moves only when a test says so; the timer sleeps until advance()."""
+
+    def __init__(self, start: float):
+        self.t = start
+        self.lock = threading.Lock()
+        self.events: set[threading.Event] = set()
+
+    def now(self):
+        with self.lock:
+            return self.t
+
+    def wait(self, event, timeout):
+        with self.lock:
+            self.events.add(event)
+        event.wait(0.2)  # woken by advance(); the cap covers a wake-up lost in a race
+
+    def advance(self, seconds):
+        with self.lock:
+            self.t += seconds
+            events = list(self.events)
+        for event in events:
+            event.set()
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request):
+    if request.param == "elasticsearch" and not ES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set: the Elasticsearch "
+                        "tests must run in CI")
+        pytest.skip("SCHEDULE_API_TEST_ES not set")
+    return request.param
+
+
+def es_client():
+    from elasticsearch import Elasticsearch
+    return Elasticsearch([ES_URL])
+
+
+def make_config(kind, data, index=None, **values):
+    base = {"host": "127.0.0.1", "port": 0, "data": str(data), "log_level": "DEBUG"}
+    if kind == "elasticsearch":
+        base.update(es_hosts=ES_URL, es_default_index=index or f"test-{uuid.uuid4().hex[:12]}")
+    base.update(values)
+    return sa.Config(**base)
+
+
+class Apps:
+    """Start services on port 0 and close them all at the end of the test."""
+
+    def __init__(self, kind, tmp_path):
+        self.kind, self.tmp_path = kind, tmp_path
+        self.running: list[sa.App] = []
+        self.indices: set[str] = set()
+
+    def start(self, clock=None, data=None, index=None, **values) -> sa.App:
+        config = make_config(self.kind, data or self.tmp_path / "data", index, **values)
+        if self.kind == "elasticsearch":
+            self.indices.add(config.es_default_index)
+        app = sa.App(config, clock)
+        app.start(background=True)
+        self.running.append(app)
+        return app
+
+    def stop(self, app):
+        self.running.remove(app)
+        app.close(5)
+
+    def close(self):
+        for app in list(self.running):
+            self.stop(app)
+        if self.indices:
+            es_client().indices.delete(index=",".join(
+                f"{i},{i}-tasks" for i in self.indices), ignore_unavailable=True)
+
+
+@pytest.fixture
+def apps(store_kind, tmp_path):
+    a = Apps(store_kind, tmp_path)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def app(apps):
+    return apps.start()
+
+
+def task(identity="test", url="http://127.0.0.1:9/", cron="*/10 * * * * *", start=True,
+         zone="Asia/Shanghai", **entry):
+    return {"identity": identity, "time_zone": zone, "start": start,
+            "entries": {"index": {"cron_time": cron, "url": url, **entry}}}
+
+
+# Configuration ##############################################################################
+
+def test_config_file_then_environment_then_flags(tmp_path):
+    ini = tmp_path / "config.ini"
+    ini.write_text("[server]\nport = 4000\ntoken = s3cret\n[storage]\npath = /srv/data\n"
+                   "[elasticsearch]\nhosts = localhost:9200\nverify_certs = false\n")
+    config = sa.load_config(str(ini), environ={"SCHEDULE_API_SERVER_PORT": "5000"})
+    assert (config.port, config.token, config.data) == (5000, "s3cret", "/srv/data")
+    assert (config.es_hosts, config.es_verify_certs) == ("localhost:9200", False)
+    assert sa.load_config(str(ini), environ={}, port=6000).port == 6000
+    assert sa.load_config(None, environ={}) == sa.Config()
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[server]\nport = many\n", "[server] port"),
+    ("[webhook]\ntimeout = -1\n", "[webhook] timeout"),
+    ("[elasticsearch]\nverify_certs = maybe\n", "[elasticsearch] verify_certs"),
+    ("[server]\nport = 70000\n", "[server] port"),
+])
+def test_config_rejects_bad_value_naming_the_option(tmp_path, text, named):
+    ini = tmp_path / "config.ini"
+    ini.write_text(text)
+    with pytest.raises(sa.ValidationError, match=re.escape(named)):
+        sa.load_config(str(ini), environ={})
+
+
+def test_config_missing_file_is_an_error_when_named(tmp_path):
+    with pytest.raises(sa.ValidationError, match="cannot read"):
+        sa.load_config(str(tmp_path / "nope.ini"), environ={})
+
+
+# Schedules ##################################################################################
+
+def fires(cron, zone, start, count, anchor=0.0):
+    """Return the next ``count`` fires after the local time ``start`` as RFC 3339 strings."""
+    z = sa.load_zone(zone)
+    schedule = sa.parse_schedule(cron, z, anchor)
+    t, out = local(start, zone), []
+    for _ in range(count):
+        t = schedule.next_after(t)
+        out.append(sa.rfc3339(t, z))
+    return out
+
+
+@pytest.mark.parametrize("cron, start, expected", [
+    # seconds come first, as in the original (croniter alone would read them last)
+    ("*/10 * * * * *", "2024-05-01T12:00:01", ["12:00:10", "12:00:20", "12:00:30"]),
+    ("15 * * * * *", "2024-05-01T12:00:01", ["12:00:15", "12:01:15", "12:02:15"]),
+    ("0 */15 * * * *", "2024-05-01T12:00:01", ["12:15:00", "12:30:00", "12:45:00"]),
+    ("5/20 * * * * *", "2024-05-01T12:00:00", ["12:00:05", "12:00:25", "12:00:45"]),
+    ("0 0 9-10/1 * * *", "2024-05-01T08:00:00", ["09:00:00", "10:00:00", "09:00:00"]),
+    ("0 0 12 * * mon-wed", "2024-05-01T13:00:00", ["12:00:00", "12:00:00", "12:00:00"]),
+    ("0 0 12 ? * SUN", "2024-05-01T00:00:00", ["12:00:00", "12:00:00", "12:00:00"]),
+    ("0 0 0 1 jan,Jul *", "2024-05-01T00:00:00", ["00:00:00", "00:00:00", "00:00:00"]),
+    ("0 30 * * * *", "2024-05-01T12:00:00", ["12:30:00", "13:30:00", "14:30:00"]),
+    ("30 * * * *", "2024-05-01T12:00:00", ["12:30:00", "13:30:00", "14:30:00"]),  # 5 fields
+    ("@hourly", "2024-05-01T12:00:00", ["13:00:00", "14:00:00", "15:00:00"]),
+    ("@daily", "2024-05-01T12:00:00", ["00:00:00", "00:00:00", "00:00:00"]),
+    ("  0   0  *  *  *  *  ", "2024-05-01T12:00:00", ["13:00:00", "14:00:00", "15:00:00"]),
+])
+def test_schedule_accepts_the_originals_syntax(cron, start, expected):
+    got = fires(cron, "UTC", start, 3)
+    assert [g[11:19] for g in got] == expected
+
+
+def test_schedule_day_fields_follow_vixie_rules():
+    # Both day fields restricted: either may match. Sat 2024-06-01 is a 1st of the month.
+    got = fires("0 0 0 1 * mon", "UTC", "2024-05-30T00:00:00", 3)
+    assert got == ["2024-06-01T00:00:00Z", "2024-06-03T00:00:00Z", "2024-06-10T00:00:00Z"]
+    # One of them '*': the other alone decides.
+    assert fires("0 0 0 * * mon", "UTC", "2024-05-30T00:00:00", 1) == ["2024-06-03T00:00:00Z"]
+
+
+@pytest.mark.parametrize("descriptor, expected", [
+    ("@yearly", "2025-01-01T00:00:00Z"), ("@annually", "2025-01-01T00:00:00Z"),
+    ("@monthly", "2024-06-01T00:00:00Z"), ("@weekly", "2024-06-02T00:00:00Z"),
+    ("@midnight", "2024-05-31T00:00:00Z"),
+])
+def test_schedule_descriptors(descriptor, expected):
+    assert fires(descriptor, "UTC", "2024-05-30T12:00:00", 1) == [expected]
+
+
+@pytest.mark.parametrize("cron, problem", [
+    ("", "is empty"),
+    ("* * * *", "needs 6 fields"),
+    ("* * * * * * *", "needs 6 fields"),
+    ("60 * * * * *", "second field: 60 is out of range 0-59"),
+    ("* * 24 * * *", "hour field: 24 is out of range"),
+    ("* * * 0 * *", "day-of-month field: 0 is out of range"),
+    ("* * * * 13 *", "month field: 13 is out of range"),
+    ("* * * * * 7", "day-of-week field: 7 is out of range 0-6"),
+    ("*/0 * * * * *", "step '0' must be a positive number"),
+    ("*/-1 * * * * *", "step '-1'"),
+    ("5-3 * * * * *", "runs backwards"),
+    ("1--3 * * * * *", "is not a number"),
+    ("1//3 * * * * *", "step '/3'"),
+    ("* * * * foo *", "'foo' is not a number or a name"),
+    ("* * * L * *", "'L' is not a number"),
+    ("* * * * * 1#2", "'1#2' is not a number"),
+    ("H * * * * *", "'H' is not a number"),
+    ("@reboot", "unknown descriptor"),
+    ("@every", "@every needs a duration"),
+    ("@every 5 seconds", "@every needs a duration"),
+    ("@every -5s", "@every needs a duration"),
+    ("CRON_TZ=Mars/Olympus 0 * * * * *", "unknown time zone 'Mars/Olympus'"),
+    ("TZ=../etc 0 * * * * *", "unknown time zone"),
+    ("0 0 0 30 2 *", "matches no date"),
+    (5, "must be a string"),
+])
+def test_schedule_rejects_with_a_message(cron, problem):
+    with pytest.raises(sa.ScheduleError, match=re.escape(problem)):
+        sa.parse_schedule(cron, sa.load_zone("UTC"))
+
+
+def test_spring_forward_fixed_time_in_the_gap_fires_once_right_after_it():
+    got = fires("0 30 2 * * *", NY, "2024-03-09T00:00:00", 3)
+    assert got == ["2024-03-09T02:30:00-05:00", "2024-03-10T03:00:00-04:00",
+                   "2024-03-11T02:30:00-04:00"]
+    # A fixed-time schedule with several runs in the gap still runs once for the gap.
+    got = fires("0 */20 2 * * *", NY, "2024-03-10T00:00:00", 2)
+    assert got == ["2024-03-10T03:00:00-04:00", "2024-03-11T02:00:00-04:00"]
+
+
+def test_spring_forward_hourly_and_intervals_keep_real_spacing():
+    assert fires("0 0 * * * *", NY, "2024-03-10T00:30:00", 3) == [
+        "2024-03-10T01:00:00-05:00", "2024-03-10T03:00:00-04:00", "2024-03-10T04:00:00-04:00"]
+    got = fires("*/10 * * * * *", NY, "2024-03-10T01:59:30", 4)
+    assert got == ["2024-03-10T01:59:40-05:00", "2024-03-10T01:59:50-05:00",
+                   "2024-03-10T03:00:00-04:00", "2024-03-10T03:00:10-04:00"]
+
+
+def test_fall_back_fixed_time_in_the_repeated_hour_fires_once():
+    assert fires("0 30 1 * * *", NY, "2024-11-02T12:00:00", 2) == [
+        "2024-11-03T01:30:00-04:00", "2024-11-04T01:30:00-05:00"]
+    assert fires("0 */20 1 * * *", NY, "2024-11-03T00:50:00", 4) == [
+        "2024-11-03T01:00:00-04:00", "2024-11-03T01:20:00-04:00", "2024-11-03T01:40:00-04:00",
+        "2024-11-04T01:00:00-05:00"]
+
+
+def test_fall_back_fixed_time_asked_during_the_second_pass_does_not_rerun():
+    z = sa.load_zone(NY)
+    schedule = sa.parse_schedule("0 30 1 * * *", z)
+    second_pass = local("2024-11-03T01:10:00", NY) + 3600  # 01:10 EST
+    assert sa.rfc3339(schedule.next_after(second_pass), z) == "2024-11-04T01:30:00-05:00"
+
+
+def test_fall_back_hourly_and_intervals_follow_real_time():
+    assert fires("0 0 * * * *", NY, "2024-11-03T00:30:00", 3) == [
+        "2024-11-03T01:00:00-04:00", "2024-11-03T01:00:00-05:00", "2024-11-03T02:00:00-05:00"]
+    got = fires("0 */30 * * * *", NY, "2024-11-03T00:50:00", 5)
+    assert got == ["2024-11-03T01:00:00-04:00", "2024-11-03T01:30:00-04:00",
+                   "2024-11-03T01:00:00-05:00", "2024-11-03T01:30:00-05:00",
+                   "2024-11-03T02:00:00-05:00"]
+
+
+def test_lord_howe_half_hour_changes():
+    zone = "Australia/Lord_Howe"  # 02:00 -> 02:30 in October, 02:00 -> 01:30 in April
+    assert fires("0 0 2 * * *", zone, "2024-10-05T12:00:00", 2) == [
+        "2024-10-06T02:30:00+11:00", "2024-10-07T02:00:00+11:00"]
+    assert fires("0 45 1 * * *", zone, "2024-04-06T12:00:00", 2) == [
+        "2024-04-07T01:45:00+11:00", "2024-04-08T01:45:00+10:30"]
+    assert fires("0 */15 * * * *", zone, "2024-04-07T01:40:00", 4) == [
+        "2024-04-07T01:45:00+11:00", "2024-04-07T01:30:00+10:30", "2024-04-07T01:45:00+10:30",
+        "2024-04-07T02:00:00+10:30"]
+
+
+def test_zone_without_dst_and_utc():
+    assert fires("0 0 9 * * *", "Asia/Shanghai", "2024-03-10T12:00:00", 1) == [
+        "2024-03-11T09:00:00+08:00"]
+    assert fires("0 0 9 * * *", "UTC", "2024-03-10T12:00:00", 1) == ["2024-03-11T09:00:00Z"]
+
+
+def test_cron_tz_prefix_overrides_the_task_zone():
+    got = fires("CRON_TZ=Asia/Tokyo 0 0 9 * * *", "UTC", "2024-03-10T12:00:00", 1)
+    assert got == ["2024-03-11T00:00:00Z"]
+    assert fires("TZ=America/New_York   0 30 2 * * *", "UTC", "2024-03-09T12:00:00", 1) == [
+        "2024-03-10T07:00:00Z"]
+
+
+def test_every_counts_from_the_anchor_in_real_time_across_dst():
+    anchor = local("2024-03-10T01:59:58", NY)
+    z = sa.load_zone(NY)
+    schedule = sa.parse_schedule("@every 1h30m", z, anchor)
+    first = schedule.next_after(anchor)
+    assert first - anchor == 5400
+    assert sa.rfc3339(first, z) == "2024-03-10T04:29:58-04:00"  # 90 real minutes later
+    assert schedule.next_after(anchor + 5400 * 10 + 1) == anchor + 5400 * 11
+
+
+@pytest.mark.parametrize("duration, seconds", [
+    ("5s", 5), ("1m30s", 90), ("2h", 7200), ("1.5h", 5400), ("500ms", 1), ("0s", 1),
+    ("1500ms", 1), ("90s", 90), ("1h0m1s", 3601),
+])
+def test_every_reads_go_durations_like_robfig(duration, seconds):
+    schedule = sa.parse_schedule(f"@every {duration}", sa.load_zone("UTC"), 1000.0)
+    assert schedule.next_after(1000.0) == 1000.0 + seconds
+
+
+# Validation and the API's bad inputs ########################################################
+
+GOOD = {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:9/"}
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"time_zone": "UTC", "start": True, "entries": {"a": GOOD}}, "identity"),
+    ({"identity": "", "entries": {"a": GOOD}}, "identity"),
+    ({"identity": 5, "entries": {"a": GOOD}}, "identity"),
+    ({"identity": "x" * 129, "entries": {"a": GOOD}}, "identity"),
+    ({"identity": "a\nb", "entries": {"a": GOOD}}, "identity"),
+    ({"identity": "t", "time_zone": "Mars/Base", "entries": {"a": GOOD}}, "time_zone"),
+    ({"identity": "t", "time_zone": "", "entries": {"a": GOOD}}, "time_zone"),
+    ({"identity": "t", "start": "yes", "entries": {"a": GOOD}}, "start"),
+    ({"identity": "t", "entries": {}}, "entries"),
+    ({"identity": "t", "entries": []}, "entries"),
+    ({"identity": "t"}, "entries"),
+    ({"identity": "t", "entries": {"a": "x"}}, "entries.a"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "cron_time": "* * *"}}}, "entries.a.cron_time"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "cron_time": None}}}, "entries.a.cron_time"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "url": "ftp://x/"}}}, "entries.a.url"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "url": "http://"}}}, "entries.a.url"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "url": "http://a b/"}}}, "entries.a.url"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "url": "http://x:99999/"}}}, "entries.a.url"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": []}}}, "entries.a.headers"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X": 1}}}}, "entries.a.headers.X"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X": "a\r\nB: c"}}}},
+     "entries.a.headers.X"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"Bad Name": "v"}}}},
+     "entries.a.headers.Bad Name"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"Content-Length": "9"}}}},
+     "entries.a.headers.Content-Length"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "retries": 3}}}, "entries.a.retries"),
+])
+def test_put_rejects_bad_fields_by_name_and_changes_nothing(app, request_, field):
+    status, reply = post(app.url, "/put", request_)
+    assert status == 200 and reply["error"] == 1
+    assert reply["msg"].startswith(field + ":") or reply["msg"].startswith(field + " "), reply
+    assert ok(app.url, "/all") == []
+    assert ok(app.url, "/search", {"type": "put"})["hits"]["total"]["value"] == 0
+
+
+def test_rejected_put_leaves_the_existing_task_as_it_was(app):
+    ok(app.url, "/put", task())
+    before = ok(app.url, "/get", {"identity": "test"})
+    bad = task(url="http://127.0.0.1:1/")
+    bad["entries"]["second"] = {"cron_time": "nonsense", "url": "http://127.0.0.1:9/"}
+    status, reply = post(app.url, "/put", bad)
+    assert reply["error"] == 1 and "entries.second.cron_time" in reply["msg"]
+    assert ok(app.url, "/get", {"identity": "test"}) == before
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"text"', "must be a JSON object"),
+    (b'{"identity": "\xff"}', "not valid UTF-8"),
+    (b'{"identity": NaN}', "NaN is not valid JSON"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nested deeper"),
+    (b'{"identity": "t", "x":' + b"[" * 70 + b"]" * 70 + b"}", "nested deeper than 64"),
+    (b'{"identity": "\\ud800x", "entries": {}}', "unpaired surrogate"),
+])
+def test_malformed_bodies_get_a_clear_error(app, raw, problem):
+    status, reply = post(app.url, "/put", raw=raw)
+    assert status == 200 and reply["error"] == 1 and problem in reply["msg"], reply
+    assert ok(app.url, "/all") == []  # and the server still answers
+
+
+def test_oversized_body_is_refused_without_being_read(apps):
+    app = apps.start(max_body_bytes=1000)
+    sock = socket.create_connection(("127.0.0.1", app.server.server_address[1]))
+    sock.sendall(b"POST /put HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{")
+    reply = b""
+    while chunk := sock.recv(65536):  # the server closes after its answer
+        reply += chunk
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 413") and b"over 1000 bytes" in reply
+    assert ok(app.url, "/all") == []
+
+
+def test_client_hanging_up_mid_body_does_not_hurt_the_server(app):
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", app.server.server_address[1]))
+        sock.sendall(b"POST /put HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"ident")
+        sock.close()
+    sock = socket.create_connection(("127.0.0.1", app.server.server_address[1]))
+    sock.sendall(b"GARBAGE\r\n\r\n")
+    assert b'"error": 1' in sock.recv(65536)
+    sock.close()
+    ok(app.url, "/put", task())
+    assert ok(app.url, "/all") == ["test"]
+
+
+def test_unknown_path_is_404_and_wrong_method_405_in_json(app):
+    status, reply = post(app.url, "/nope", {})
+    assert status == 404 and reply["error"] == 1 and "/put" in reply["msg"]
+    status, reply = post(app.url, "/get", method="GET")
+    assert status == 405 and reply == {"error": 1, "msg": "/get takes POST"}
+    status, reply = post(app.url, "/put", {}, method="DELETE")
+    assert status == 405
+
+
+def test_health_answers_get_with_the_store_state(app):
+    status, reply = post(app.url, "/health", method="GET")
+    assert status == 200 and reply["error"] == 0
+    assert reply["data"]["store"] == app.store.kind and reply["data"]["ok"] is True
+
+
+def test_token_guards_every_endpoint_but_health(apps):
+    app = apps.start(token="s3cret")
+    status, reply = post(app.url, "/all")
+    assert status == 401 and reply["error"] == 1
+    status, _ = post(app.url, "/all", headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, reply = post(app.url, "/all", headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and reply == {"error": 0, "data": []}
+    assert post(app.url, "/health", method="GET")[0] == 200
+
+
+# Service through HTTP: the original README's contract #######################################
+
+def test_readme_example_round_trip(app, receiver):
+    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
+        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
+    assert post(app.url, "/put", example) == (200, {"error": 0, "msg": "ok"})
+    data = ok(app.url, "/get", {"identity": "test"})
+    assert data["identity"] == "test" and data["start"] is True
+    assert data["time_zone"] == "Asia/Shanghai"
+    entry = data["entries"]["subscription"]
+    assert entry["cron_time"] == "*/10 * * * * *" and entry["headers"] is None
+    assert entry["body"] is None and entry["last_date"] == sa.ZERO_DATE
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]0\+08:00", entry["next_date"])
+    assert ok(app.url, "/all") == ["test"]
+    assert ok(app.url, "/lists", {"identity": ["test", "missing"]}) == [data]
+    assert post(app.url, "/running", {"identity": "test", "running": False})[1]["error"] == 0
+    paused = ok(app.url, "/get", {"identity": "test"})
+    assert paused["start"] is False and paused["entries"]["index"]["next_date"] == sa.ZERO_DATE
+    hits = ok(app.url, "/search", {"identity": "test", "limit": 20, "skip": 0})["hits"]
+    assert [h["_source"]["type"] for h in hits["hits"]] == ["running", "put"]
+    assert hits["hits"][1]["_source"]["body"]["entries"]["index"]["url"] == receiver.url
+    assert all(h["_id"] for h in hits["hits"])
+    assert post(app.url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(app.url, "/all") == []
+    assert ok(app.url, "/search", {"identity": "test", "type": "delete"})["hits"]["total"][
+        "value"] == 1
+    assert post(app.url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(app.url, "/search", {"identity": "test"})["hits"]["total"]["value"] == 0
+
+
+@pytest.mark.parametrize("path", ["/get", "/running", "/delete"])
+def test_unknown_identity_is_an_error(app, path):
+    status, reply = post(app.url, path, {"identity": "ghost", "running": True})
+    assert status == 200 and reply == {"error": 1, "msg": "task 'ghost' not found"}
+
+
+def test_running_requires_a_boolean(app):
+    ok(app.url, "/put", task())
+    reply = post(app.url, "/running", {"identity": "test", "running": "no"})[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("running:")
+
+
+def test_lists_requires_an_array(app):
+    reply = post(app.url, "/lists", {"identity": "test"})[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("identity:")
+
+
+def test_fires_post_body_and_headers_and_log_success(app, receiver):
+    ok(app.url, "/put", task(url=receiver.url + "/hook", cron="* * * * * *",
+                             body={"n": 1, "list": [1, "two"]}, headers={"X-Token": "abc"}))
+    first = receiver.wait_for(1, "/hook")[0]
+    assert json.loads(first["body"]) == {"n": 1, "list": [1, "two"]}
+    assert first["headers"]["Content-Type"] == "application/json"
+    assert first["headers"]["X-Token"] == "abc"
+    assert first["headers"]["User-Agent"] == sa.USER_AGENT
+    assert first["headers"]["X-Schedule-Identity"] == "test"
+    scheduled = datetime.fromisoformat(first["headers"]["X-Schedule-Time"]).timestamp()
+    assert 0 <= first["at"] - scheduled < 1.0  # fired at its instant, not a tick later
+
+    def logged():
+        hits = ok(app.url, "/search", {"identity": "test", "type": "success"})["hits"]["hits"]
+        return hits
+    source = wait_until(logged, message="a success log")[0]["_source"]
+    assert source["key"] == "index" and source["status"] == 200
+    assert source["response"] == {"ok": True} and source["header"] == {"X-Token": "abc"}
+    assert source["url"] == receiver.url + "/hook" and source["duration_ms"] >= 0
+    assert source["scheduled"] % 1 == 0 and isinstance(source["time"], int)
+    last = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["last_date"]
+    assert last != sa.ZERO_DATE
+
+
+def test_entry_without_body_posts_nothing(app, receiver):
+    ok(app.url, "/put", task(url=receiver.url + "/empty", cron="* * * * * *"))
+    got = receiver.wait_for(1, "/empty")[0]
+    assert got["body"] == b"" and "Content-Type" not in got["headers"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("/status/500", "HTTP 500"),
+    ("/status/404", "HTTP 404"),
+    ("/status/302", "HTTP 302"),
+    ("unreachable", "request failed"),
+])
+def test_failed_webhooks_are_error_logs(app, receiver, where, message):
+    url = "http://127.0.0.1:9/" if where == "unreachable" else receiver.url + where
+    ok(app.url, "/put", task(url=url, cron="* * * * * *"))
+
+    def logged():
+        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
+    source = wait_until(logged, message="an error log")[0]["_source"]
+    assert isinstance(source["message"], list) and message in source["message"][0]
+    assert source["url"] == url and "scheduled" in source and "duration_ms" in source
+    if where != "unreachable":
+        assert source["status"] == int(where.rsplit("/", 1)[1]) and source["response"] == "nope"
+
+
+def test_webhook_timeout_is_an_error_log(apps, receiver):
+    app = apps.start(webhook_timeout=0.5)
+    ok(app.url, "/put", task(url=receiver.url + "/slow", cron="* * * * * *"))
+
+    def logged():
+        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
+    source = wait_until(logged, timeout=8, message="a timeout log")[0]["_source"]
+    assert "timed out" in source["message"][0]
+
+
+def seed_logs(app):
+    """Write logs of known times through the service's own writer."""
+    records = []
+    for i, (kind, identity) in enumerate([("put", "a"), ("success", "a"), ("error", "a-b"),
+                                          ("success", "a-b"), ("error", "a"), ("put", "b")]):
+        record = sa.make_log(kind, identity, key="k", scheduled=1000.0 + i)
+        record["time"], record["_ts"] = 1000 + i, 1000 + i + 0.5
+        records.append(record)
+        app.writer.write_now(record)
+    return records
+
+
+def test_search_filters_exactly_and_pages_newest_first(app):
+    seed_logs(app)
+
+    def search(**query):
+        hits = ok(app.url, "/search", query)["hits"]
+        return hits["total"]["value"], [h["_source"]["time"] for h in hits["hits"]]
+    assert search() == (6, [1005, 1004, 1003, 1002, 1001, 1000])
+    assert search(identity="a") == (3, [1004, 1001, 1000])  # never "a-b"
+    assert search(identity="a-b", type="error") == (1, [1002])
+    assert search(type="put") == (2, [1005, 1000])
+    assert search(time={"gte": 1001, "lte": 1003}) == (3, [1003, 1002, 1001])
+    assert search(time={"gte": 1004}) == (2, [1005, 1004])
+    assert search(time={"lte": 1000}) == (1, [1000])
+    assert search(limit=2, skip=1) == (6, [1004, 1003])
+    assert search(limit=2, skip=10) == (6, [])
+
+
+@pytest.mark.parametrize("query, field", [
+    ({"type": "fire"}, "type"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+    ({"limit": "20"}, "limit"), ({"skip": -1}, "skip"), ({"skip": 9950, "limit": 100}, "skip"),
+    ({"time": 5}, "time"), ({"time": {"gte": "x"}}, "time.gte"), ({"identity": 7}, "identity"),
+])
+def test_search_rejects_bad_queries(app, query, field):
+    reply = post(app.url, "/search", query)[1]
+    assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
+
+
+def test_clear_deletes_only_that_identitys_logs(app):
+    seed_logs(app)
+    ok(app.url, "/clear", {"identity": "a"})
+    hits = ok(app.url, "/search", {})["hits"]
+    assert sorted({h["_source"]["identity"] for h in hits["hits"]}) == ["a-b", "b"]
+    assert hits["total"]["value"] == 3
+
+
+def test_put_replaces_atomically_and_unchanged_entries_keep_last_date(app, receiver):
+    body = task(url=receiver.url + "/keep", cron="* * * * * *")
+    body["entries"]["drop"] = {"cron_time": "* * * * * *", "url": receiver.url + "/drop"}
+    ok(app.url, "/put", body)
+    receiver.wait_for(1, "/drop")
+    wait_until(lambda: ok(app.url, "/get", {"identity": "test"})["entries"]["index"][
+        "last_date"] != sa.ZERO_DATE, message="a last_date")
+    del body["entries"]["drop"]
+    body["entries"]["new"] = {"cron_time": "0 0 0 1 1 *", "url": receiver.url + "/new"}
+    ok(app.url, "/put", body)
+    dropped_at = time.time()
+    entries = ok(app.url, "/get", {"identity": "test"})["entries"]
+    assert sorted(entries) == ["index", "new"]
+    assert entries["index"]["last_date"] != sa.ZERO_DATE
+    assert entries["new"]["last_date"] == sa.ZERO_DATE
+    before = len(receiver.received("/keep"))
+    receiver.wait_for(before + 2, "/keep")  # the kept entry goes on firing...
+    late = [r for r in receiver.received("/drop") if r["at"] > dropped_at + 0.5]
+    assert late == []  # ...and the removed one stopped at once
+
+
+def test_slow_webhook_does_not_delay_another_entry(app, receiver):
+    body = task(url=receiver.url + "/slow", cron="* * * * * *")
+    body["entries"]["fast"] = {"cron_time": "* * * * * *", "url": receiver.url + "/fast"}
+    ok(app.url, "/put", body)
+    fast = receiver.wait_for(4, "/fast", timeout=8)
+    assert len(receiver.received("/slow")) >= 2  # slow ones pile up on other workers
+    for request in fast:
+        scheduled = datetime.fromisoformat(request["headers"]["X-Schedule-Time"]).timestamp()
+        assert request["at"] - scheduled < 0.5
+
+
+def test_fifty_parallel_puts_all_land(app):
+    errors = []
+
+    def put(i):
+        try:
+            status, reply = post(app.url, "/put", task(identity=f"t{i}", start=False))
+            if reply != {"error": 0, "msg": "ok"}:
+                errors.append(reply)
+        except Exception as exc:  # collected and asserted below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert ok(app.url, "/all") == sorted(f"t{i}" for i in range(50))
+    assert ok(app.url, "/search", {"type": "put", "limit": 1})["hits"]["total"]["value"] == 50
+
+
+def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
+    app = apps.start()
+    ok(app.url, "/put", task(identity="on", url=receiver.url + "/on", cron="* * * * * *"))
+    ok(app.url, "/put", task(identity="off", url=receiver.url + "/off", cron="* * * * * *"))
+    ok(app.url, "/running", {"identity": "off", "running": False})
+    receiver.wait_for(1, "/on")
+    wait_until(lambda: ok(app.url, "/search", {"identity": "on", "type": "success"}
+                          )["hits"]["hits"], message="a fire log")
+    index = app.config.es_default_index
+    apps.stop(app)  # flushes the logs
+    app = apps.start(index=index)
+    assert ok(app.url, "/all") == ["off", "on"]
+    on = ok(app.url, "/get", {"identity": "on"})
+    assert on["start"] is True and on["entries"]["index"]["last_date"] != sa.ZERO_DATE
+    off = ok(app.url, "/get", {"identity": "off"})
+    assert off["start"] is False and off["entries"]["index"]["next_date"] == sa.ZERO_DATE
+    count = len(receiver.received("/on"))
+    receiver.wait_for(count + 1, "/on")
+    assert receiver.received("/off") == []
+
+
+# Scheduler with a fake clock ################################################################
+
+START = local("2024-03-10T01:59:00", NY)
+
+
+@pytest.fixture
+def scheduler():
+    clock = FakeClock(START)
+    fired: list[tuple[str, str, float]] = []
+    done = threading.Condition()
+
+    def fire(identity, key, entry, scheduled, zone):
+        with done:
+            fired.append((identity, key, scheduled))
+            done.notify_all()
+    s = sa.Scheduler(fire, clock, workers=1)
+    s.clock, s.fired = clock, fired
+    s.start()
+    yield s
+    s.stop(2)
+
+
+def entries_task(identity, cron, start=True, zone=NY, anchor=0.0):
+    return sa.Task(identity, zone, start, {"k": sa.Entry(cron, "http://127.0.0.1:9/",
+                                                         anchor=anchor)})
+
+
+def drive(scheduler, seconds, step=10.0):
+    """Advance the fake clock in steps, waiting each time until the timer caught up."""
+    for _ in range(int(seconds / step)):
+        scheduler.clock.advance(step)
+        now = scheduler.clock.now()
+        wait_until(lambda: all(n is None or n > now for nd in (
+            scheduler.dates(i) for i in scheduler.identities()) for n, _ in nd.values()),
+            message="the timer to catch up")
+
+
+def test_scheduler_fires_each_instant_once_across_spring_forward(scheduler):
+    scheduler.put(entries_task("a", "*/20 * * * * *"))
+    scheduler.put(entries_task("b", "0 30 2 * * *"))
+    drive(scheduler, 180)
+    wait_until(lambda: len(scheduler.fired) >= 10, message="fires")
+    z = sa.load_zone(NY)
+    a = [sa.rfc3339(t, z)[11:] for i, _, t in scheduler.fired if i == "a"]
+    assert a == ["01:59:20-05:00", "01:59:40-05:00", "03:00:00-04:00", "03:00:20-04:00",
+                 "03:00:40-04:00", "03:01:00-04:00", "03:01:20-04:00", "03:01:40-04:00",
+                 "03:02:00-04:00"]
+    assert [sa.rfc3339(t, z) for i, _, t in scheduler.fired if i == "b"] == [
+        "2024-03-10T03:00:00-04:00"]
+
+
+def test_paused_task_never_fires_and_resume_does_not_replay(scheduler):
+    scheduler.put(entries_task("p", "*/10 * * * * *", start=False))
+    scheduler.put(entries_task("r", "*/10 * * * * *"))
+    drive(scheduler, 30)
+    assert scheduler.set_running("r", False)
+    drive(scheduler, 30)
+    scheduler.set_running("r", True)
+    drive(scheduler, 20)
+    wait_until(lambda: len(scheduler.fired) >= 5, message="fires")
+    times = [t - START for i, _, t in scheduler.fired]
+    assert all(i == "r" for i, _, _ in scheduler.fired)
+    assert times == [10, 20, 30, 70, 80]
+    assert scheduler.dates("p") == {"k": (None, None)}
+
+
+def test_replaced_and_deleted_entries_stop_at_once(scheduler):
+    scheduler.put(entries_task("t", "*/10 * * * * *"))
+    drive(scheduler, 20)
+    scheduler.put(sa.Task("t", NY, True, {"other": sa.Entry("*/30 * * * * *", "http://x/")}))
+    drive(scheduler, 60)
+    scheduler.delete("t")
+    drive(scheduler, 60)
+    wait_until(lambda: len(scheduler.fired) >= 4, message="fires")
+    assert [(k, t - START) for _, k, t in scheduler.fired] == [
+        ("k", 10), ("k", 20), ("other", 30), ("other", 60)]
+    assert scheduler.identities() == []
+
+
+def test_unchanged_entry_keeps_its_next_and_last_fire(scheduler):
+    scheduler.put(entries_task("t", "*/10 * * * * *"))
+    drive(scheduler, 20)
+    before = scheduler.dates("t")["k"]
+    scheduler.put(entries_task("t", "*/10 * * * * *"))
+    assert scheduler.dates("t")["k"] == before == (START + 30, START + 20)
+
+
+def test_every_entry_fires_from_its_anchor(scheduler):
+    scheduler.put(entries_task("e", "@every 25s", anchor=START + 3))
+    drive(scheduler, 80)
+    wait_until(lambda: len(scheduler.fired) >= 3, message="fires")
+    assert [t - START for _, _, t in scheduler.fired] == [28, 53, 78]
+
+
+def test_service_with_a_fake_clock_paused_task_never_reaches_the_receiver(apps, receiver):
+    clock = FakeClock(local("2024-05-01T12:00:00", "UTC"))
+    app = apps.start(clock=clock, workers=1)
+    ok(app.url, "/put", task(identity="paused", url=receiver.url + "/paused", start=False))
+    ok(app.url, "/put", task(identity="sentinel", url=receiver.url + "/sentinel"))
+    for n in range(1, 4):
+        clock.advance(10)
+        receiver.wait_for(n, "/sentinel")
+    # With one worker, fires are sent in order of due time; the paused one would be first.
+    assert receiver.received("/paused") == []
+    next_date = ok(app.url, "/get", {"identity": "sentinel"})["entries"]["index"]["next_date"]
+    assert next_date == "2024-05-01T20:00:40+08:00"
+
+
+# Black box: the service as a process ########################################################
+
+class Process:
+    """schedule_api.py started as users start it, with a config file."""
+
+    def __init__(self, tmp_path, config_text, name="svc"):
+        self.config = tmp_path / f"{name}.ini"
+        self.config.write_text(config_text)
+        self.log = tmp_path / f"{name}.log"
+        self.proc = None
+
+    def start(self):
+        seen = self.log.stat().st_size if self.log.exists() else 0
+        handle = open(self.log, "a")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"), "--config",
+                                     str(self.config)], stdout=handle, stderr=handle,
+                                    cwd=self.config.parent)
+        handle.close()
+        found = wait_until(lambda: re.findall(r"listening on (http://\S+)",
+                                              self.log.read_text()[seen:]), timeout=20,
+                           message="the service to listen")
+        self.url = found[-1]
+        return self
+
+    def kill(self, sig=signal.SIGKILL):
+        self.proc.send_signal(sig)
+        return self.proc.wait(20)
+
+
+@pytest.fixture
+def process(store_kind, tmp_path):
+    started = []
+    index = f"test-{uuid.uuid4().hex[:12]}"
+
+    def make():
+        text = f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = {tmp_path / 'data'}\n"
+        if store_kind == "elasticsearch":
+            text += f"[elasticsearch]\nhosts = {ES_URL}\ndefault_index = {index}\n"
+        p = Process(tmp_path, text)
+        started.append(p)
+        return p.start()
+    yield make
+    for p in started:
+        if p.proc.poll() is None:
+            p.kill()
+    if store_kind == "elasticsearch":
+        es_client().indices.delete(index=f"{index},{index}-tasks", ignore_unavailable=True)
+
+
+def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
+    svc = process()
+    url = svc.url
+    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
+        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
+    assert post(url, "/put", example) == (200, {"error": 0, "msg": "ok"})
+    got = ok(url, "/get", {"identity": "test"})
+    assert set(got) == {"identity", "time_zone", "start", "entries"}
+    assert set(got["entries"]["index"]) == {"cron_time", "url", "headers", "body", "next_date",
+                                            "last_date"}
+    assert ok(url, "/all") == ["test"]
+    assert ok(url, "/lists", {"identity": ["test"]})[0]["identity"] == "test"
+    assert post(url, "/running", {"identity": "test", "running": True})[1]["error"] == 0
+    now = int(time.time())
+    hits = ok(url, "/search", {"identity": "test", "limit": 20, "skip": 0,
+                               "time": {"lte": now + 5, "gte": now - 400}})["hits"]
+    assert hits["total"]["value"] >= 2 and hits["hits"][0]["_source"]["identity"] == "test"
+    for bad in (b"{", b"[]", b'{"identity": 1}', b"\xff"):
+        status, reply = post(url, "/put", raw=bad)
+        assert status == 200 and reply["error"] == 1 and reply["msg"]
+    assert post(url, "/nope", {})[0] == 404
+    assert post(url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert post(url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(url, "/all") == []
+    assert svc.kill(signal.SIGTERM) == 0
+    assert "Traceback" not in svc.log.read_text()
+
+
+def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
+    svc = process()
+    for i in range(5):
+        ok(svc.url, "/put", task(identity=f"t{i}", start=True))
+    ok(svc.url, "/running", {"identity": "t1", "running": False})
+    ok(svc.url, "/delete", {"identity": "t2"})
+    svc.kill()
+    svc = process()
+    assert ok(svc.url, "/all") == ["t0", "t1", "t3", "t4"]
+    assert ok(svc.url, "/get", {"identity": "t1"})["start"] is False
+    assert ok(svc.url, "/get", {"identity": "t0"})["start"] is True
+    kinds = [h["_source"]["type"] for h in ok(svc.url, "/search", {"limit": 100})["hits"]["hits"]]
+    assert sorted(kinds) == ["delete"] + ["put"] * 5 + ["running"]
+
+
+def test_sigterm_flushes_fire_logs(process, receiver):
+    svc = process()
+    ok(svc.url, "/put", task(url=receiver.url + "/t", cron="* * * * * *"))
+    receiver.wait_for(2, "/t")
+    assert svc.kill(signal.SIGTERM) == 0
+    sent = len(receiver.received("/t"))
+    svc = process()
+    ok(svc.url, "/running", {"identity": "test", "running": False})
+    logged = ok(svc.url, "/search", {"type": "success"})["hits"]["total"]["value"]
+    assert logged >= sent >= 2
