@@ -1837,21 +1837,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("elasticsearch", "elastic_transport"):  # a line per request at INFO
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    if log.getEffectiveLevel() > logging.DEBUG:
+        # The client logs every request at INFO and every failure with a traceback at
+        # WARNING; the store's own messages say what failed in one line.
+        for noisy in ("elasticsearch", "elastic_transport"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app = App(config)
     except (StoreError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
 
+    stopping = threading.Event()
+
     def stop(signum, frame):
         log.info("signal %d: shutting down", signum)
+        stopping.set()
         threading.Thread(target=app.server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    app.start()
+    while True:  # a cluster that is still starting (docker compose) is waited for
+        try:
+            app.start()
+            break
+        except StoreError as exc:
+            log.warning("cannot load tasks, retrying in 5 s: %s", exc)
+            if stopping.wait(5):
+                app.close(0)
+                return 0
     app.server.serve_forever()
     app.close(config.webhook_timeout)
     log.info("stopped")

@@ -979,3 +979,175 @@ def test_sigterm_flushes_fire_logs(process, receiver):
     ok(svc.url, "/running", {"identity": "test", "running": False})
     logged = ok(svc.url, "/search", {"type": "success"})["hits"]["total"]["value"]
     assert logged >= sent >= 2
+
+
+# Elasticsearch: old indices and outages #####################################################
+
+class TcpProxy:
+    """A real TCP forwarder on 127.0.0.1 in front of Elasticsearch: down() cuts the cluster
+    off (every connection dropped, the port refusing), up() brings it back on the same port."""
+
+    def __init__(self, target: str):
+        host, port = target.split("//")[1].rstrip("/").split(":")
+        self.target = (host, int(port))
+        self.port = 0
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.up()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def down(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.fixture
+def es_apps(tmp_path):
+    if not ES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set")
+        pytest.skip("SCHEDULE_API_TEST_ES not set")
+    a = Apps("elasticsearch", tmp_path)
+    yield a
+    a.close()
+
+
+def fire_keys_received(receiver, path):
+    return sorted((r["headers"]["X-Schedule-Key"],
+                   datetime.fromisoformat(r["headers"]["X-Schedule-Time"]).timestamp())
+                  for r in receiver.received(path))
+
+
+def fire_keys_logged(url, identity):
+    hits = ok(url, "/search", {"identity": identity, "limit": 100})["hits"]["hits"]
+    return sorted((h["_source"]["key"], h["_source"]["scheduled"]) for h in hits
+                  if h["_source"]["type"] in ("success", "error"))
+
+
+def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
+    index = f"test-{uuid.uuid4().hex[:12]}"
+    es = es_client()
+    for i, identity in enumerate(["a", "a-b", "a b"]):  # dynamic mapping: text + .keyword
+        es.index(index=index, id=f"go{i}", refresh=True, document={
+            "type": "put", "identity": identity, "time": 1000 + i,
+            "body": {"identity": identity, "time_zone": "Asia/Shanghai", "start": True}})
+    mapping = es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
+    assert mapping["identity"]["type"] == "text"  # as the Go service left it
+    app = es_apps.start(index=index)
+    es_apps.indices.add(index)
+    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
+    assert hits["total"]["value"] == 1 and hits["hits"][0]["_id"] == "go0"
+    assert ok(app.url, "/search", {"type": "put", "identity": "a b"})["hits"]["total"][
+        "value"] == 1
+    seed_logs(app)  # new logs, with bodies the old mapping never saw
+    record = sa.make_log("success", "a", key="k", scheduled=5.0, response={"body": "text"})
+    app.writer.write_now(record)
+    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
+    assert hits["total"]["value"] == 5
+    assert hits["hits"][0]["_source"]["response"] == {"body": "text"}
+    ok(app.url, "/clear", {"identity": "a"})
+    assert ok(app.url, "/search", {"identity": "a-b"})["hits"]["total"]["value"] == 3
+
+
+def test_es_outage_keeps_firing_spools_logs_and_ships_each_once(es_apps, receiver):
+    proxy = TcpProxy(ES_URL)
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
+    body = task(url=receiver.url + "/o", cron="* * * * * *")
+    body["entries"]["second"] = {"cron_time": "* * * * * *", "url": receiver.url + "/o"}
+    ok(app.url, "/put", body)
+    receiver.wait_for(2, "/o")
+    proxy.down()
+    status, reply = post(app.url, "/put", task(identity="other"))
+    assert status == 200 and reply["error"] == 1 and "store unavailable" in reply["msg"]
+    reply = post(app.url, "/running", {"identity": "test", "running": False})[1]
+    assert reply["error"] == 1
+    assert ok(app.url, "/all") == ["test"]  # nothing changed in memory either
+    assert ok(app.url, "/get", {"identity": "test"})["start"] is True
+    health = post(app.url, "/health", method="GET")[1]["data"]
+    assert health["ok"] is False and health["store"] == "elasticsearch"
+    during = len(receiver.received("/o"))
+    receiver.wait_for(during + 4, "/o")  # still firing from memory
+    wait_until(lambda: app.writer.spooled_files(), message="logs spooled on disk")
+    proxy.up()
+    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
+    ok(app.url, "/running", {"identity": "test", "running": False})
+    time.sleep(0.1)  # a fire handed to a worker just before the pause may still be sent
+    wait_until(lambda: len(fire_keys_logged(app.url, "test")) >= len(receiver.received("/o")),
+               timeout=10, message="every fire logged")
+    assert fire_keys_logged(app.url, "test") == fire_keys_received(receiver, "/o")
+
+
+def test_es_restart_of_the_service_while_logs_are_spooled(es_apps, receiver, tmp_path):
+    proxy = TcpProxy(ES_URL)
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
+    index = app.config.es_default_index
+    ok(app.url, "/put", task(url=receiver.url + "/r", cron="* * * * * *"))
+    receiver.wait_for(1, "/r")
+    proxy.down()
+    count = len(receiver.received("/r"))
+    receiver.wait_for(count + 2, "/r")
+    es_apps.stop(app)  # the logs it could not store stay in the spool
+    assert app.writer.spooled_files()
+    sent = fire_keys_received(receiver, "/r")
+    proxy.up()
+    app = es_apps.start(es_hosts=proxy.url, index=index)
+    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
+    logged = fire_keys_logged(app.url, "test")
+    assert logged[:len(sent)] == sent
+    assert len(set(logged)) == len(logged)
+    proxy.down()
+
+
+def test_config_example_documents_every_option_with_its_default():
+    text = (HERE / "config.example.ini").read_text()
+    for section, option in sa.CONFIG_KEYS:
+        assert re.search(rf"^;? ?{option} =", text, re.M), f"[{section}] {option} missing"
+    assert sa.load_config(str(HERE / "config.example.ini"), environ={}) == sa.Config()

@@ -227,10 +227,10 @@ def serve_profiled(out: str, args: list[str]) -> int:
     import pstats
     sys.path.insert(0, REPO)
     import schedule_api
-    profiles = [cProfile.Profile()]
+    profiles = [cProfile.Profile(time.thread_time)]
 
     def hook(frame, event, arg):
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.thread_time)
         profiles.append(profile)
         profile.enable()
 
