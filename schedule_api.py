@@ -914,8 +914,8 @@ class ElasticsearchStore:
                     except StoreError as exc:
                         if "resource_already_exists" not in str(exc):
                             raise
-            mapping = self._call("indices.get_mapping", index=self.index)
-            properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+            mapping = next(iter(self._call("indices.get_mapping", index=self.index).values()))
+            properties = mapping["mappings"].get("properties", {})
             for name in self._fields:
                 spec = properties.get(name, {})
                 keyword = spec.get("fields", {}).get("keyword", {}).get("type") == "keyword"
@@ -923,13 +923,15 @@ class ElasticsearchStore:
                     keyword else name
             missing = {name: spec for name, spec in self.LOG_MAPPING["properties"].items()
                        if name not in properties}
-            if missing:  # an older index: add what it lacks, so our fields are typed right
+            if missing or str(mapping["mappings"].get("dynamic")).lower() != "false":
+                # An index the Go service made: add the fields it lacks, and stop mapping
+                # new fields of the users' JSON, which could make later logs unindexable.
+                change = {"dynamic": False, "properties": missing}
                 try:
                     if self._major < 8:
-                        self._call("indices.put_mapping", index=self.index,
-                                   body={"properties": missing})
+                        self._call("indices.put_mapping", index=self.index, body=change)
                     else:
-                        self._call("indices.put_mapping", index=self.index, properties=missing)
+                        self._call("indices.put_mapping", index=self.index, **change)
                 except StoreError as exc:
                     log.warning("could not extend the mapping of %s: %s", self.index, exc)
             self._ready = True

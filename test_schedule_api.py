@@ -1093,6 +1093,9 @@ def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
     hits = ok(app.url, "/search", {"identity": "a"})["hits"]
     assert hits["total"]["value"] == 5
     assert hits["hits"][0]["_source"]["response"] == {"body": "text"}
+    mapping = es.indices.get_mapping(index=index)[index]["mappings"]
+    assert mapping["dynamic"] == "false" and mapping["properties"]["response"] == {
+        "type": "object", "enabled": False}
     ok(app.url, "/clear", {"identity": "a"})
     assert ok(app.url, "/search", {"identity": "a-b"})["hits"]["total"]["value"] == 3
 
