@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import dataclasses
+import email.utils
 import hashlib
 import hmac
 import heapq
@@ -42,6 +43,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -75,6 +77,11 @@ log = logging.getLogger("schedule_api")
 USER_AGENT = f"schedule-api/{__version__}"
 ZERO_DATE = "0001-01-01T00:00:00Z"  # what the original shows for "never" (Go's zero time)
 LOG_TYPES = ("put", "delete", "running", "success", "error")
+OVERLAP_POLICIES = ("allow", "forbid", "replace")
+RETRY_DEFAULTS = {"attempts": 0, "backoff": 1.0, "max_backoff": 60.0, "max_duration": 300.0}
+RETRY_LIMITS = {"attempts": (0, 20), "backoff": (0.001, 3600), "max_backoff": (0.001, 86400),
+                "max_duration": (0.001, 86400)}  # (low, high) of each retry field
+MAX_PREVIEW = 100
 MAX_IDENTITY = 128
 MAX_ENTRIES = 1000
 MAX_URL = 2048
@@ -134,6 +141,8 @@ class Config:
     webhook_timeout: float = 10.0
     workers: int = 32
     max_response_bytes: int = 64 << 10
+    retry_attempts: int = 0
+    signing_secret: str = ""
     es_hosts: str = ""
     es_default_index: str = "schedule-service"
     es_username: str = ""
@@ -161,6 +170,8 @@ CONFIG_KEYS = {
     ("webhook", "timeout"): "webhook_timeout",
     ("webhook", "workers"): "workers",
     ("webhook", "max_response_bytes"): "max_response_bytes",
+    ("webhook", "retry_attempts"): "retry_attempts",
+    ("webhook", "signing_secret"): "signing_secret",
     ("elasticsearch", "hosts"): "es_hosts",
     ("elasticsearch", "default_index"): "es_default_index",
     ("elasticsearch", "username"): "es_username",
@@ -220,6 +231,8 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
         raise ValidationError("[webhook] workers", "must be at least 1")
     if config.webhook_timeout <= 0:
         raise ValidationError("[webhook] timeout", "must be above 0")
+    if config.retry_attempts > RETRY_LIMITS["attempts"][1]:
+        raise ValidationError("[webhook] retry_attempts", "must be 0..20")
     return config
 
 
@@ -318,6 +331,15 @@ class CronSchedule:
 
         Raises ScheduleError if the expression matches no date (e.g. 30 February).
         """
+        return self.next_fire(t)[0]
+
+    def next_fire(self, t: float) -> tuple[float, str | None]:
+        """Return the first fire instant strictly after ``t`` and what daylight saving did
+        to it: None, "moved" (its wall time was skipped by a spring-forward), "merged" (it
+        stands for several wall times: runs in a gap, or both passes of a repeated hour), or
+        "repeated" (the second pass of a repeated wall time, fired by an every-hour
+        schedule). Raises ScheduleError if the expression matches no date.
+        """
         zone = self.zone
         start, inclusive = t, False
         while True:
@@ -333,17 +355,24 @@ class CronSchedule:
             candidate = self._instant(candidate_wall, offset)
             change = _first_offset_change(zone, start, candidate)
             if change is None:
-                # A fixed-time wall that a fall-back repeats fires at its first occurrence only.
-                if not self.every_hour and self._instant(candidate_wall, _wall_offset(zone, candidate_wall)) < candidate:
+                first_offset = _wall_offset(zone, candidate_wall)
+                second_pass = self._instant(candidate_wall, first_offset) < candidate
+                if second_pass and not self.every_hour:
+                    # A fixed-time wall that a fall-back repeats fires at its first pass only.
                     start, inclusive = candidate, False
                     continue
-                return candidate
+                if second_pass:
+                    return candidate, "repeated"
+                repeats = first_offset != candidate_wall.replace(
+                    tzinfo=zone, fold=1).utcoffset().total_seconds()
+                return candidate, "merged" if repeats and not self.every_hour else None
             after = _utc_offset(zone, change)
             wall_before = datetime.fromtimestamp(change + offset, timezone.utc).replace(tzinfo=None)
             wall_after = datetime.fromtimestamp(change + after, timezone.utc).replace(tzinfo=None)
             if after > offset:  # spring forward: walls [wall_before, wall_after) never happen
                 if candidate_wall < wall_after:
-                    return change
+                    several = self._wall_next(candidate_wall) < wall_after
+                    return change, "merged" if several else "moved"
                 start, inclusive = change, True
             else:  # fall back: walls [wall_after, wall_before) happen twice
                 start, inclusive = change, True
@@ -366,6 +395,10 @@ class EverySchedule:
         steps = max(0, math.floor((t - self.anchor) / self.seconds)) + 1
         instant = self.anchor + steps * self.seconds
         return instant if instant > t else instant + self.seconds
+
+    def next_fire(self, t: float) -> tuple[float, None]:
+        """Return next_after(t) and None: real time knows no daylight saving."""
+        return self.next_after(t), None
 
 
 def _parse_go_duration(text: str) -> float:
@@ -462,17 +495,30 @@ def parse_schedule(cron_time: str, zone: ZoneInfo, anchor: float = 0.0):
 
 @dataclasses.dataclass(slots=True)
 class Entry:
-    """One webhook of a task. ``anchor`` is when an @every entry was put (UNIX seconds)."""
+    """One webhook of a task. ``anchor`` is when an @every entry was put (UNIX seconds);
+    ``retry`` holds the retry fields the client gave (None: the configured default)."""
 
     cron_time: str
     url: str
     headers: dict | None = None
     body: Any = None
     anchor: float = 0.0
+    retry: dict | None = None
+    overlap: str = "allow"
 
     def public(self) -> dict:
-        return {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
+        view = {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
                 "body": self.body}
+        # The new fields appear only when used: the original's clients see its exact shape.
+        if self.retry is not None:
+            view["retry"] = self.retry
+        if self.overlap != "allow":
+            view["overlap"] = self.overlap
+        return view
+
+    def retry_policy(self, default_attempts: int) -> dict:
+        """Return the complete retry policy: the given fields over the defaults."""
+        return {**RETRY_DEFAULTS, "attempts": default_attempts, **(self.retry or {})}
 
 
 @dataclasses.dataclass(slots=True)
@@ -499,7 +545,8 @@ class Task:
     def from_document(cls, doc: dict) -> "Task":
         anchors = doc.get("anchors") or {}
         entries = {key: Entry(e["cron_time"], e["url"], e.get("headers"), e.get("body"),
-                              float(anchors.get(key, 0.0)))
+                              float(anchors.get(key, 0.0)), e.get("retry"),
+                              e.get("overlap", "allow"))
                    for key, e in doc["entries"].items()}
         return cls(doc["identity"], doc["time_zone"], bool(doc["start"]), entries)
 
@@ -607,7 +654,8 @@ def validate_task(request: Any, now: float) -> Task:
         _name(key, f"entries key {key!r}")
         if not isinstance(spec, dict):
             raise ValidationError(field, "must be an object with cron_time and url")
-        unknown = set(spec) - {"cron_time", "url", "headers", "body", "next_date", "last_date"}
+        unknown = set(spec) - {"cron_time", "url", "headers", "body", "retry", "overlap",
+                               "next_date", "last_date"}
         if unknown:
             raise ValidationError(f"{field}.{sorted(unknown)[0]}", "is not a known entry field")
         cron_time = spec.get("cron_time")
@@ -616,23 +664,53 @@ def validate_task(request: Any, now: float) -> Task:
         except ScheduleError as exc:
             raise ValidationError(f"{field}.cron_time", str(exc)) from None
         _check_json(spec.get("body"), f"{field}.body")
+        overlap = spec.get("overlap", "allow")
+        if overlap not in OVERLAP_POLICIES:
+            raise ValidationError(f"{field}.overlap", f"must be one of {', '.join(OVERLAP_POLICIES)}")
         entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
-                             spec.get("body"), anchor=now)
+                             spec.get("body"), anchor=now,
+                             retry=_retry(spec.get("retry"), f"{field}.retry"), overlap=overlap)
     return Task(identity, zone_name, start, entries)
+
+
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not low <= value <= high:
+        raise ValidationError(field, f"must be a number from {low:g} to {high:g}")
+    return value
+
+
+def _retry(value: Any, field: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object with attempts, backoff, max_backoff "
+                                     "and/or max_duration")
+    unknown = set(value) - set(RETRY_LIMITS)
+    if unknown:
+        raise ValidationError(f"{field}.{sorted(unknown)[0]}", "is not a known retry field")
+    for name, (low, high) in RETRY_LIMITS.items():
+        if name in value:
+            _number(value[name], f"{field}.{name}", low, high)
+            if name == "attempts" and not isinstance(value[name], int):
+                raise ValidationError(f"{field}.attempts", "must be a whole number")
+    return dict(value)
 
 
 def validate_search(request: dict) -> dict:
     """Return the normalised /search query, or raise ValidationError naming the field."""
-    query: dict[str, Any] = {"type": None, "identity": None, "gte": None, "lte": None,
-                             "limit": 20, "skip": 0}
+    query: dict[str, Any] = {"type": None, "identity": None, "key": None, "scheduled": None,
+                             "gte": None, "lte": None, "limit": 20, "skip": 0}
     kind = request.get("type")
     if kind not in (None, "") and kind not in LOG_TYPES:
         raise ValidationError("type", f"must be one of {', '.join(LOG_TYPES)}")
     query["type"] = kind or None
-    identity = request.get("identity")
-    if identity not in (None, ""):
-        query["identity"] = _name(identity, "identity")
+    for name in ("identity", "key"):
+        if request.get(name) not in (None, ""):
+            query[name] = _name(request[name], name)
+    if request.get("scheduled") is not None:
+        query["scheduled"] = _number(request["scheduled"], "scheduled", 0, 1e11)
     span = request.get("time")
     if span is not None:
         if not isinstance(span, dict):
@@ -709,8 +787,8 @@ class SQLiteStore:
         CREATE TABLE IF NOT EXISTS last_fire (identity TEXT, key TEXT, at REAL,
                                               PRIMARY KEY (identity, key));
         CREATE TABLE IF NOT EXISTS logs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL,
-            type TEXT NOT NULL, identity TEXT NOT NULL, time INTEGER NOT NULL,
-            ts REAL NOT NULL, doc TEXT NOT NULL);
+            type TEXT NOT NULL, identity TEXT NOT NULL, key TEXT, scheduled REAL,
+            time INTEGER NOT NULL, ts REAL NOT NULL, doc TEXT NOT NULL);
         CREATE INDEX IF NOT EXISTS logs_identity ON logs (identity, ts);
         CREATE INDEX IF NOT EXISTS logs_type ON logs (type, ts);
         CREATE INDEX IF NOT EXISTS logs_ts ON logs (ts);
@@ -777,13 +855,13 @@ class SQLiteStore:
             yield doc
 
     def append_logs(self, records: list[dict]) -> None:
-        rows = [(r["_id"], r["type"], r["identity"], r["time"], r["_ts"],
-                 json.dumps(_public_log(r))) for r in records]
+        rows = [(r["_id"], r["type"], r["identity"], r.get("key"), r.get("scheduled"),
+                 r["time"], r["_ts"], json.dumps(_public_log(r))) for r in records]
         fires = [(i, k, at) for (i, k), at in _fire_times(records).items()]
 
         def work(db):
-            db.executemany("INSERT OR REPLACE INTO logs (id, type, identity, time, ts, doc) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO logs (id, type, identity, key, scheduled, "
+                           "time, ts, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO last_fire (identity, key, at) VALUES (?, ?, ?) "
                            "ON CONFLICT (identity, key) DO UPDATE SET at = max(at, excluded.at)",
                            fires)
@@ -791,7 +869,7 @@ class SQLiteStore:
 
     def search(self, query: dict) -> dict:
         where, args = [], []
-        for column in ("type", "identity"):
+        for column in ("type", "identity", "key", "scheduled"):
             if query[column] is not None:
                 where.append(f"{column} = ?")
                 args.append(query[column])
@@ -842,6 +920,8 @@ class ElasticsearchStore:
         "time": {"type": "long"}, "@timestamp": {"type": "date", "format": "epoch_millis"},
         "scheduled": {"type": "double"}, "status": {"type": "integer"},
         "duration_ms": {"type": "float"}, "message": {"type": "text"},
+        "attempts": {"type": "integer"}, "tries": {"type": "object", "enabled": False},
+        "retry_of": {"type": "keyword"},
         "body": {"type": "object", "enabled": False},
         "header": {"type": "object", "enabled": False},
         "response": {"type": "object", "enabled": False}}}
@@ -1000,9 +1080,9 @@ class ElasticsearchStore:
         self._ensure()
         self._refresh_if_written()
         filters: list[dict] = []
-        for name in ("type", "identity"):
+        for name in ("type", "identity", "key", "scheduled"):
             if query[name] is not None:
-                filters.append({"term": {self._fields[name]: query[name]}})
+                filters.append({"term": {self._fields.get(name, name): query[name]}})
         span = {side: query[side] for side in ("gte", "lte") if query[side] is not None}
         if span:
             filters.append({"range": {"time": span}})
@@ -1198,44 +1278,116 @@ def _read_response(response, limit: int) -> Any:
     return text
 
 
-def deliver(identity: str, key: str, entry: Entry, scheduled: float, zone: ZoneInfo,
-            timeout: float = 10.0, max_response_bytes: int = 64 << 10) -> dict:
-    """POST one fire of an entry and return its log record (type success or error).
+def _retry_after(value: str | None) -> float | None:
+    """Return the seconds a Retry-After header asks for (delta or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
-    The entry's body goes as JSON (no body when it has none) with its headers, a User-Agent
-    and X-Schedule-* headers a receiver can deduplicate on. A reply outside 2xx, a timeout
-    or an unreachable host is an error record; this function never raises for them.
+
+def signature(secrets: Iterable[str], timestamp: int, body: bytes) -> str:
+    """Return the X-Schedule-Signature value: ``t=<unix>,v1=<hex>`` with one v1 per secret,
+    each an HMAC-SHA256 of ``"<t>." + body``."""
+    message = f"{timestamp}.".encode() + body
+    return ",".join([f"t={timestamp}"] + [
+        "v1=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+        for secret in secrets])
+
+
+def attempt(identity: str, key: str, entry: Entry, scheduled: float, zone: ZoneInfo,
+            number: int = 1, timeout: float = 10.0, max_response_bytes: int = 64 << 10,
+            secrets: tuple[str, ...] = ()) -> dict:
+    """POST one try of a fire and return its outcome; never raise for the receiver's faults.
+
+    The entry's body goes as JSON (no body when it has none) with its headers, a User-Agent,
+    X-Schedule-* headers that are the same on every try of the fire (a receiver deduplicates
+    on X-Schedule-Fire-Id), and a signature when secrets are given. Returns {"status",
+    "response", "error" (None on a 2xx), "retry_after", "duration_ms"}.
     """
     headers = {"User-Agent": USER_AGENT, "X-Schedule-Identity": identity,
                "X-Schedule-Key": key, "X-Schedule-Time": rfc3339(scheduled, zone),
-               "X-Schedule-Fire-Id": fire_id(identity, key, scheduled)}
+               "X-Schedule-Fire-Id": fire_id(identity, key, scheduled),
+               "X-Schedule-Attempt": str(number)}
     data = None
     if entry.body is not None:
         data = json.dumps(entry.body).encode()
         headers["Content-Type"] = "application/json"
+    if secrets:
+        headers["X-Schedule-Signature"] = signature(secrets, int(time.time()), data or b"")
     headers.update(entry.headers or {})
     request = urllib.request.Request(entry.url, data=data, headers=headers, method="POST")
     started = time.monotonic()
-    status, response, problem = None, None, None
+    status, response, problem, retry_after = None, None, None, None
     try:
         with _OPENER.open(request, timeout=timeout) as reply:
             status = reply.status
             response = _read_response(reply, max_response_bytes)
     except urllib.error.HTTPError as exc:
         status = exc.code
-        response = _read_response(exc, max_response_bytes)
+        retry_after = _retry_after(exc.headers.get("Retry-After"))
+        try:
+            response = _read_response(exc, max_response_bytes)
+        except (OSError, http.client.HTTPException):
+            response = None
         problem = f"HTTP {exc.code} {exc.reason}"
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         problem = f"request failed: {reason or type(reason).__name__}"
-    fields = {"key": key, "url": entry.url, "header": entry.headers, "body": entry.body,
-              "status": status, "response": response, "scheduled": scheduled,
-              "duration_ms": round((time.monotonic() - started) * 1000, 3)}
     if problem is None and not 200 <= status < 300:
         problem = f"HTTP {status}"
-    if problem is None:
+    return {"status": status, "response": response, "error": problem,
+            "retry_after": retry_after,
+            "duration_ms": round((time.monotonic() - started) * 1000, 3)}
+
+
+def retry_plan(policy: dict, tries: int, outcome: dict, elapsed: float,
+               rng: random.Random) -> tuple[float | None, str | None]:
+    """Decide what follows a try: (delay, None) to try again in ``delay`` seconds, (None,
+    reason) to give up on a failed fire, (None, None) when there is nothing more to do.
+
+    Retried: connection errors, timeouts, 5xx and 429; not other statuses. Delays grow
+    exponentially with full jitter (AWS's "Exponential Backoff and Jitter"), capped at
+    max_backoff; a 429 or 503's Retry-After is honoured within that cap. No try starts later
+    than max_duration after the scheduled instant (``elapsed`` is the time since it).
+    """
+    if outcome["error"] is None or policy["attempts"] == 0:
+        return None, None
+    status = outcome["status"]
+    if status is not None and status != 429 and status < 500:
+        return None, f"not retried: HTTP {status}"
+    if tries > policy["attempts"]:
+        return None, f"gave up after {tries} tries"
+    cap = min(policy["max_backoff"], policy["backoff"] * 2 ** (tries - 1))
+    delay = rng.uniform(0, cap)
+    if outcome["retry_after"] is not None and status in (429, 503):
+        delay = min(outcome["retry_after"], policy["max_backoff"])
+    if elapsed + delay > policy["max_duration"]:
+        return None, f"gave up: max_duration of {policy['max_duration']:g} s reached"
+    return delay, None
+
+
+def fire_log(identity: str, key: str, entry: Entry, scheduled: float, tries: list[dict],
+             reason: str | None = None, **extra: Any) -> dict:
+    """Return the one log record of a fire: success if its last try succeeded, else error
+    with every try's problem and ``reason`` in ``message``."""
+    last = tries[-1] if tries else {"status": None, "response": None, "error": None,
+                                    "duration_ms": 0.0}
+    fields = {"key": key, "url": entry.url, "header": entry.headers, "body": entry.body,
+              "status": last["status"], "response": last["response"],
+              "scheduled": scheduled, "duration_ms": last["duration_ms"],
+              "attempts": len(tries),
+              "tries": [{k: t[k] for k in ("at", "status", "error", "duration_ms", "delay")
+                         if k in t} for t in tries], **extra}
+    if tries and last["error"] is None:
         return make_log("success", identity, **fields)
-    return make_log("error", identity, message=[problem], **fields)
+    message = [t["error"] for t in tries] + ([reason] if reason else [])
+    return make_log("error", identity, message=message, **fields)
 
 
 # Scheduler ##################################################################################
@@ -1253,9 +1405,12 @@ class Clock:
 
 
 class _Slot:
-    """The scheduler's state of one live entry: its schedule and its next and last fires."""
+    """The scheduler's state of one entry: its schedule, its next and last fires, and the
+    fire still being tried. ``gen`` changes when the entry is paused, replaced or deleted,
+    which stops the retries of its earlier fires."""
 
-    __slots__ = ("identity", "key", "entry", "schedule", "zone", "next", "last", "live")
+    __slots__ = ("identity", "key", "entry", "schedule", "zone", "next", "last", "live",
+                 "gen", "inflight")
 
     def __init__(self, identity, key, entry, schedule, zone, last):
         self.identity, self.key, self.entry = identity, key, entry
@@ -1263,6 +1418,25 @@ class _Slot:
         self.next: float | None = None
         self.last: float | None = last
         self.live = False
+        self.gen = 0
+        self.inflight: Fire | None = None
+
+
+class Fire:
+    """One fire of an entry, from its first try to its last: what a worker sends."""
+
+    __slots__ = ("identity", "key", "entry", "zone", "scheduled", "policy", "tries", "slot",
+                 "gen", "stop", "done")
+
+    def __init__(self, slot: _Slot, scheduled: float, policy: dict):
+        self.identity, self.key, self.entry, self.zone = (slot.identity, slot.key, slot.entry,
+                                                          slot.zone)
+        self.scheduled = scheduled
+        self.policy = policy
+        self.tries: list[dict] = []
+        self.slot, self.gen = slot, slot.gen
+        self.stop: str | None = None  # why no more tries may be made (overlap policy)
+        self.done = False
 
 
 class _Pool:
@@ -1287,16 +1461,17 @@ class _Pool:
             except Exception:  # a bug in one delivery must not kill the worker
                 log.exception("webhook worker failed")
 
-    def stop(self, timeout: float) -> int:
-        """Drop jobs not yet started, let running ones finish within ``timeout``; return the
-        number dropped."""
-        dropped = 0
+    def stop(self, timeout: float) -> list:
+        """Take back the jobs not yet started, let running ones finish within ``timeout``;
+        return the jobs taken back."""
+        dropped = []
         while True:
             try:
-                if self._queue.get_nowait() is not None:
-                    dropped += 1
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if job is not None:
+                dropped.append(job)
         for _ in self._threads:
             self._queue.put(None)
         deadline = time.monotonic() + timeout
@@ -1308,23 +1483,30 @@ class _Pool:
 class Scheduler:
     """Fire entries at their instants: one timer thread over a heap, a pool of workers.
 
-    ``fire(identity, key, entry, scheduled, zone)`` runs on a worker for each fire. The timer
-    thread only pops due items, computes their next instants and hands them over: it never
-    does I/O. Fires that were missed while a task was paused or the service stopped are not
-    replayed; fires due while the workers are busy are late, never dropped (a fire more than
-    LATE_REPLAY_LIMIT seconds behind, as after a suspended host, is skipped with a warning).
+    For each fire a worker calls ``attempt(fire)`` (one try; returns its outcome) and, once no
+    try follows, ``record(fire, reason)``. Retries go back on the heap, due after their
+    backoff, so a waiting retry holds no thread. The timer thread only pops due items,
+    computes next instants and hands fires over: it never does I/O. Fires missed while a
+    task was paused or the service stopped are not replayed; fires due while the workers are
+    busy are late, never dropped (a fire more than LATE_REPLAY_LIMIT seconds behind, as after
+    a suspended host, is skipped with a warning).
     """
 
-    def __init__(self, fire: Callable[[str, str, Entry, float, ZoneInfo], None],
-                 clock: Clock | None = None, workers: int = 32):
-        self._fire = fire
+    def __init__(self, attempt: Callable[[Fire], dict],
+                 record: Callable[[Fire, str | None], None], clock: Clock | None = None,
+                 workers: int = 32, retry_attempts: int = 0):
+        self._attempt = attempt
+        self._record = record
         self._clock = clock or Clock()
         self._workers = workers
+        self._retry_attempts = retry_attempts
+        self._rng = random.Random()
         self._lock = threading.Lock()  # guards _tasks, _slots, _heap, _stale, _schedules
         self._tasks: dict[str, Task] = {}
         self._slots: dict[str, dict[str, _Slot]] = {}
-        self._heap: list[tuple[float, int, _Slot]] = []
+        self._heap: list[tuple[float, int, _Slot | Fire]] = []
         self._stale = 0
+        self._busy = 0  # fires handed to the workers and not yet recorded or re-queued
         self._seq = itertools.count()
         self._schedules: dict[tuple[str, str], CronSchedule] = {}  # shared by equal entries
         self._wake = threading.Event()
@@ -1346,6 +1528,7 @@ class Scheduler:
     def _kill(self, identity: str) -> dict[str, _Slot]:
         slots = self._slots.pop(identity, {})
         for slot in slots.values():
+            slot.gen += 1
             if slot.live:
                 slot.live = False
                 self._stale += 1
@@ -1399,6 +1582,7 @@ class Scheduler:
                 if running and not slot.live:
                     self._arm(slot, now)
                 elif not running and slot.live:
+                    slot.gen += 1
                     slot.live = False
                     slot.next = None
                     self._stale += 1
@@ -1434,7 +1618,8 @@ class Scheduler:
     def _compact(self) -> None:
         # Stale heap items are skipped when popped; rebuild when they are the larger part.
         if self._stale > 1024 and self._stale * 2 > len(self._heap):
-            self._heap = [item for item in self._heap if item[2].live and item[2].next == item[0]]
+            self._heap = [item for item in self._heap if isinstance(item[2], Fire) or
+                          (item[2].live and item[2].next == item[0])]
             heapq.heapify(self._heap)
             self._stale = 0
 
@@ -1442,18 +1627,84 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the timer thread and the webhook workers."""
-        self._pool = _Pool(self._workers, self._run_fire)
+        self._pool = _Pool(self._workers, self._work)
         self._thread = threading.Thread(target=self._run, name="timer", daemon=True)
         self._thread.start()
 
-    def _run_fire(self, job: tuple[_Slot, float]) -> None:
-        slot, scheduled = job
-        self._fire(slot.identity, slot.key, slot.entry, scheduled, slot.zone)
+    def _stopped(self, fire: Fire) -> str | None:
+        if fire.stop:
+            return fire.stop
+        if fire.gen != fire.slot.gen:
+            return "stopped: the task was paused, replaced or deleted"
+        return None
 
-    def _pop_due(self, now: float) -> list[tuple[_Slot, float]]:
+    def _work(self, fire: Fire) -> None:
+        """Make one try of a fire (on a worker); put its retry on the heap or record it."""
+        reason = self._stopped(fire)
+        if reason is None and fire.tries and \
+                self._clock.now() - fire.scheduled > fire.policy["max_duration"]:
+            reason = f"gave up: max_duration of {fire.policy['max_duration']:g} s reached"
+        if reason is None:
+            outcome = self._attempt(fire)
+            fire.tries.append(outcome)
+            delay, reason = retry_plan(fire.policy, len(fire.tries), outcome,
+                                       self._clock.now() - fire.scheduled, self._rng)
+            if delay is not None:
+                with self._lock:
+                    reason = None if self._stopping else self._stopped(fire)
+                    if reason is None:
+                        outcome["delay"] = round(delay, 3)
+                        heapq.heappush(self._heap, (self._clock.now() + delay,
+                                                    next(self._seq), fire))
+                        self._busy -= 1
+                        self._wake.set()
+                        return
+        self._finish(fire, reason)
+        with self._lock:
+            self._busy -= 1
+
+    def _finish(self, fire: Fire, reason: str | None) -> None:
+        with self._lock:
+            fire.done = True
+            if fire.slot.inflight is fire:
+                fire.slot.inflight = None
+        self._record(fire, reason)
+
+    def idle(self) -> bool:
+        """Return True when no fire is due and none is being tried (retries may wait)."""
+        with self._lock:
+            due = self._heap and self._heap[0][0] <= self._clock.now()
+            return not due and self._busy == 0
+
+    def stats(self) -> dict:
+        """Return the number of fires being tried and of retries waiting for their time."""
+        with self._lock:
+            waiting = sum(1 for item in self._heap if isinstance(item[2], Fire))
+            return {"fires_running": self._busy, "retries_waiting": waiting}
+
+    def _start_fire(self, slot: _Slot, at: float) -> Fire:
+        """Return the fire of a slot due at ``at``, applying the entry's overlap policy."""
+        fire = Fire(slot, at, slot.entry.retry_policy(self._retry_attempts))
+        previous = slot.inflight
+        if previous is not None and not previous.done:
+            busy = rfc3339(previous.scheduled, slot.zone)
+            if slot.entry.overlap == "forbid":
+                fire.stop = f"skipped: the fire due {busy} is still running (overlap: forbid)"
+                return fire
+            if slot.entry.overlap == "replace":
+                previous.stop = (f"abandoned: replaced by the fire due {rfc3339(at, slot.zone)}"
+                                 " (overlap: replace)")
+        slot.inflight = fire
+        return fire
+
+    def _pop_due(self, now: float) -> list[Fire]:
         due = []
         while self._heap and self._heap[0][0] <= now:
-            at, _, slot = heapq.heappop(self._heap)
+            at, _, item = heapq.heappop(self._heap)
+            if isinstance(item, Fire):  # a retry whose backoff is over
+                due.append(item)
+                continue
+            slot = item
             if not slot.live or slot.next != at:
                 self._stale -= 1
                 continue
@@ -1470,7 +1721,7 @@ class Scheduler:
             else:
                 slot.next = following
                 heapq.heappush(self._heap, (following, next(self._seq), slot))
-            due.append((slot, at))
+            due.append(self._start_fire(slot, at))
         return due
 
     def _run(self) -> None:
@@ -1480,6 +1731,7 @@ class Scheduler:
                     return
                 now = self._clock.now()
                 due = self._pop_due(now)
+                self._busy += len(due)
                 timeout = self._heap[0][0] - now if self._heap else TIMER_MAX_WAIT
                 self._wake.clear()
             for job in due:
@@ -1488,16 +1740,21 @@ class Scheduler:
                 self._clock.wait(self._wake, min(max(timeout, 0.0), TIMER_MAX_WAIT))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop firing; let webhooks in flight finish within ``timeout`` seconds."""
+        """Stop firing; let webhooks in flight finish within ``timeout`` seconds, and record
+        fires whose next try will not be made."""
         with self._lock:
             self._stopping = True
             self._wake.set()
         if self._thread:
             self._thread.join(timeout)
-        if self._pool:
-            dropped = self._pool.stop(timeout)
-            if dropped:
-                log.warning("shutdown: %d queued fires not sent", dropped)
+        unsent = self._pool.stop(timeout) if self._pool else []
+        with self._lock:
+            unsent += [item for _, _, item in self._heap if isinstance(item, Fire)]
+            self._heap = [item for item in self._heap if not isinstance(item[2], Fire)]
+        if unsent:
+            log.warning("shutdown: %d fires not (re)tried; logged as errors", len(unsent))
+        for fire in unsent:
+            self._finish(fire, "stopped: the service shut down before the next try")
 
 
 # Service ####################################################################################
@@ -1510,14 +1767,18 @@ class Service:
     refused; nothing changed).
     """
 
-    OPERATIONS = ("put", "get", "all", "lists", "running", "delete", "search", "clear")
+    OPERATIONS = ("put", "get", "all", "lists", "running", "delete", "search", "clear",
+                  "retry", "preview")
 
     def __init__(self, config: Config, store, writer: LogWriter, clock: Clock | None = None):
         self._config = config
         self._store = store
         self._writer = writer
         self._clock = clock or Clock()
-        self._scheduler = Scheduler(self._fire, self._clock, config.workers)
+        self._secrets = tuple(secret.strip() for secret in config.signing_secret.split(",")
+                              if secret.strip())
+        self._scheduler = Scheduler(self._attempt, self._record, self._clock, config.workers,
+                                    config.retry_attempts)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
 
     def start(self) -> int:
@@ -1535,10 +1796,28 @@ class Service:
     def stop(self, timeout: float = 10.0) -> None:
         self._scheduler.stop(timeout)
 
-    def _fire(self, identity: str, key: str, entry: Entry, scheduled: float, zone) -> None:
-        record = deliver(identity, key, entry, scheduled, zone, self._config.webhook_timeout,
-                         self._config.max_response_bytes)
-        log.debug("fired %s/%s: %s %s", identity, key, record["type"], record["status"])
+    def _try(self, identity: str, key: str, entry: Entry, scheduled: float, zone: ZoneInfo,
+             number: int, deadline: float | None) -> dict:
+        now = self._clock.now()
+        timeout = self._config.webhook_timeout
+        if deadline is not None:  # no try may outlast the fire's max_duration
+            timeout = max(0.1, min(timeout, deadline - now))
+        outcome = attempt(identity, key, entry, scheduled, zone, number, timeout,
+                          self._config.max_response_bytes, self._secrets)
+        outcome["at"] = now
+        return outcome
+
+    def _attempt(self, fire: Fire) -> dict:
+        deadline = fire.scheduled + fire.policy["max_duration"] if fire.policy["attempts"] \
+            else None
+        return self._try(fire.identity, fire.key, fire.entry, fire.scheduled, fire.zone,
+                         len(fire.tries) + 1, deadline)
+
+    def _record(self, fire: Fire, reason: str | None) -> None:
+        record = fire_log(fire.identity, fire.key, fire.entry, fire.scheduled, fire.tries,
+                          reason)
+        log.debug("fired %s/%s: %s after %d tries", fire.identity, fire.key, record["type"],
+                  len(fire.tries))
         self._writer.write(record)
 
     def _require(self, identity: str) -> Task:
@@ -1618,8 +1897,57 @@ class Service:
     def clear(self, request: dict) -> None:
         self._store.clear(_identity(request))
 
+    def retry(self, request: dict) -> dict:
+        """Send one failed fire again, now, once, with its fire id; return its new log."""
+        identity = _identity(request)
+        key = _name(request.get("key"), "key")
+        scheduled = _number(request.get("scheduled"), "scheduled", 0, 1e11)
+        task = self._require(identity)
+        entry = task.entries.get(key)
+        if entry is None:
+            raise ValidationError("key", f"task {identity!r} has no entry {key!r}")
+        found = {kind: self._store.search(validate_search(
+            {"type": kind, "identity": identity, "key": key, "scheduled": scheduled,
+             "limit": 1}))["records"] for kind in ("error", "success")}
+        if not found["error"]:
+            raise ValidationError("scheduled", "no failed fire of that entry at that instant")
+        if found["success"]:
+            raise ValidationError("scheduled", "that fire has succeeded since")
+        outcome = self._try(identity, key, entry, scheduled, load_zone(task.time_zone), 1,
+                            None)
+        record = fire_log(identity, key, entry, scheduled, [outcome],
+                          retry_of=found["error"][0]["_id"])
+        self._writer.write_now(record)
+        return {**_public_log(record), "_id": record["_id"]}
+
+    def preview(self, request: dict) -> list:
+        """Return the next fires of a cron_time, each with what daylight saving did to it."""
+        zone_name = request.get("time_zone", "UTC")
+        try:
+            zone = load_zone(zone_name if isinstance(zone_name, str) else "")
+        except ScheduleError as exc:
+            raise ValidationError("time_zone", str(exc)) from None
+        count = request.get("count", 10)
+        if isinstance(count, bool) or not isinstance(count, int) or \
+                not 1 <= count <= MAX_PREVIEW:
+            raise ValidationError("count", f"must be a whole number from 1 to {MAX_PREVIEW}")
+        after = request.get("after")
+        after = self._clock.now() if after is None else _number(after, "after", 0, 1e11)
+        try:
+            schedule = parse_schedule(request.get("cron_time"), zone, after)
+        except ScheduleError as exc:
+            raise ValidationError("cron_time", str(exc)) from None
+        fires, t = [], after
+        for _ in range(count):
+            try:
+                t, dst = schedule.next_fire(t)  # the scheduler's own code path
+            except ScheduleError:
+                break
+            fires.append({"date": rfc3339(t, zone), "time": t, "dst": dst})
+        return fires
+
     def health(self) -> dict:
-        return {"version": __version__, "tasks": len(self._scheduler),
+        return {"version": __version__, "tasks": len(self._scheduler), **self._scheduler.stats(),
                 "log_backlog": self._writer.backlog(),
                 "log_spool_files": len(self._writer.spooled_files()), **self._store.health()}
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -76,8 +77,10 @@ def local(text, zone):
 class Receiver:
     """A real webhook receiver on 127.0.0.1 that records what arrives.
 
-    Paths choose the answer: /slow sleeps 2 s, /status/<code> answers that code, anything
-    else 200 with {"ok": true}.
+    Paths choose the answer: /slow sleeps 2 s, /hang 3 s; /close hangs up without an
+    answer; /status/<code> answers that code; /retry-after/<code>/<value> answers the code
+    with that Retry-After; /flaky/<n> answers 503 to the first n tries of each fire, then
+    200; anything else 200 with {"ok": true}.
     """
 
     def __init__(self):
@@ -91,12 +94,25 @@ class Receiver:
                 with outer.lock:
                     outer.requests.append({"path": self.path, "headers": dict(self.headers),
                                            "body": body, "at": time.time()})
-                if self.path == "/slow":
-                    time.sleep(2)
-                match = re.match(r"/status/(\d+)", self.path)
-                status = int(match.group(1)) if match else 200
+                    tries = sum(1 for r in outer.requests if r["headers"].get(
+                        "X-Schedule-Fire-Id") == self.headers.get("X-Schedule-Fire-Id"))
+                if self.path in ("/slow", "/hang"):
+                    time.sleep(2 if self.path == "/slow" else 3)
+                if self.path == "/close":
+                    self.close_connection = True
+                    return
+                status, extra = 200, []
+                if match := re.match(r"/status/(\d+)", self.path):
+                    status = int(match.group(1))
+                elif match := re.match(r"/retry-after/(\d+)/(.+)", self.path):
+                    status = int(match.group(1))
+                    extra = [("Retry-After", urllib.parse.unquote(match.group(2)))]
+                elif match := re.match(r"/flaky/(\d+)", self.path):
+                    status = 503 if tries <= int(match.group(1)) else 200
                 reply = b'{"ok": true}' if status == 200 else b"nope"
                 self.send_response(status)
+                for name, value in extra:
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
@@ -779,11 +795,15 @@ def scheduler():
     fired: list[tuple[str, str, float]] = []
     done = threading.Condition()
 
-    def fire(identity, key, entry, scheduled, zone):
+    def attempt(fire):
+        return {"status": 200, "response": None, "error": None, "retry_after": None,
+                "duration_ms": 0.0, "at": clock.now()}
+
+    def record(fire, reason):
         with done:
-            fired.append((identity, key, scheduled))
+            fired.append((fire.identity, fire.key, fire.scheduled))
             done.notify_all()
-    s = sa.Scheduler(fire, clock, workers=1)
+    s = sa.Scheduler(attempt, record, clock, workers=1)
     s.clock, s.fired = clock, fired
     s.start()
     yield s
@@ -1154,3 +1174,282 @@ def test_config_example_documents_every_option_with_its_default():
     for section, option in sa.CONFIG_KEYS:
         assert re.search(rf"^;? ?{option} =", text, re.M), f"[{section}] {option} missing"
     assert sa.load_config(str(HERE / "config.example.ini"), environ={}) == sa.Config()
+
+
+# Deliveries: retries, signatures, overlap, /retry, /preview #################################
+
+NOON = local("2024-05-01T12:00:00", "UTC")
+
+
+def fake_app(apps, **values):
+    """A service whose clock stands at 11:59:59 UTC until the test moves it."""
+    clock = FakeClock(NOON - 1)
+    return apps.start(clock=clock, **values), clock
+
+
+def fire_logs(app, identity="test", kind=None):
+    query = {"identity": identity, "limit": 100, **({"type": kind} if kind else {})}
+    hits = ok(app.url, "/search", query)["hits"]["hits"]
+    return [h["_source"] | {"_id": h["_id"]} for h in hits
+            if h["_source"]["type"] in ("success", "error")]
+
+
+def run_fire(app, clock, step, limit=60):
+    """Move the clock ``step`` seconds at a time, letting each due try finish, until the
+    first fire's log is written; return the fire logs."""
+    scheduler = app.service._scheduler
+    for _ in range(limit):
+        clock.advance(step)
+        wait_until(scheduler.idle, message="the due tries to finish")
+        if scheduler.stats()["retries_waiting"] == 0:
+            return wait_until(lambda: fire_logs(app), message="the fire's log")
+    pytest.fail("the fire did not end")
+
+
+def hourly(receiver, path, **entry):
+    return task(url=receiver.url + path, cron="0 0 * * * *", zone="UTC", **entry)
+
+
+def test_retries_back_off_with_full_jitter_until_success(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/flaky/3", retry={"attempts": 5, "backoff": 1,
+                                                            "max_backoff": 3}))
+    logs = run_fire(app, clock, 3)
+    assert len(logs) == 1 and logs[0]["type"] == "success" and logs[0]["attempts"] == 4
+    tries = logs[0]["tries"]
+    assert [t["status"] for t in tries] == [503, 503, 503, 200]
+    for i, t in enumerate(tries[:-1]):
+        assert 0 <= t["delay"] <= min(3, 2 ** i)  # full jitter under the exponential cap
+        assert tries[i + 1]["at"] >= t["at"] + t["delay"]
+    got = receiver.received("/flaky/3")
+    assert len({r["headers"]["X-Schedule-Fire-Id"] for r in got}) == 1  # one fire id
+    assert {r["headers"]["X-Schedule-Time"] for r in got} == {"2024-05-01T12:00:00Z"}
+    assert [r["headers"]["X-Schedule-Attempt"] for r in got] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("path, retried", [
+    ("/status/500", True), ("/status/503", True), ("/status/429", True), ("/close", True),
+    ("/hang", True), ("/status/404", False), ("/status/400", False), ("/status/302", False),
+])
+def test_what_is_retried(apps, receiver, path, retried):
+    app, clock = fake_app(apps, webhook_timeout=0.5)
+    ok(app.url, "/put", hourly(receiver, path, retry={"attempts": 1, "backoff": 1}))
+    logs = run_fire(app, clock, 1)
+    assert logs[0]["type"] == "error" and logs[0]["attempts"] == (2 if retried else 1)
+    assert len(receiver.received(path)) == logs[0]["attempts"]
+    if not retried:
+        assert logs[0]["message"][-1].startswith("not retried: HTTP")
+    else:
+        assert logs[0]["message"][-1] == "gave up after 2 tries"
+
+
+@pytest.mark.parametrize("status, value, max_backoff, expected", [
+    (429, "7", 60, 7), (503, "7", 3, 3), (429, "0", 60, 0),
+])
+def test_retry_after_is_honoured_within_the_bounds(apps, receiver, status, value,
+                                                   max_backoff, expected):
+    app, clock = fake_app(apps)
+    path = f"/retry-after/{status}/{value}"
+    ok(app.url, "/put", hourly(receiver, path, retry={"attempts": 1, "max_backoff": max_backoff}))
+    logs = run_fire(app, clock, 1)
+    assert logs[0]["tries"][0]["delay"] == expected
+
+
+def test_retry_after_as_http_date():
+    date = email_date(time.time() + 30)
+    assert 28 <= sa._retry_after(date) <= 30
+    assert sa._retry_after("soon") is None and sa._retry_after(None) is None
+
+
+def email_date(instant):
+    import email.utils
+    return email.utils.formatdate(instant, usegmt=True)
+
+
+def test_max_duration_stops_the_tries(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/status/500", retry={
+        "attempts": 20, "backoff": 8, "max_backoff": 8, "max_duration": 20}))
+    logs = run_fire(app, clock, 1)
+    log_ = logs[0]
+    assert log_["message"][-1] == "gave up: max_duration of 20 s reached"
+    assert log_["attempts"] >= 2 and all(t["at"] <= NOON + 20 for t in log_["tries"])
+    assert len(receiver.received("/status/500")) == log_["attempts"]
+
+
+@pytest.mark.parametrize("action", ["pause", "delete", "replace"])
+def test_pausing_deleting_or_replacing_stops_pending_retries(apps, receiver, action):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/status/500", retry={"attempts": 5, "backoff": 30,
+                                                               "max_backoff": 30}))
+    clock.advance(1)
+    receiver.wait_for(1, "/status/500")
+    wait_until(lambda: app.service._scheduler._heap and any(
+        isinstance(item[2], sa.Fire) for item in app.service._scheduler._heap),
+        message="the retry to be scheduled")
+    if action == "pause":
+        ok(app.url, "/running", {"identity": "test", "running": False})
+    elif action == "delete":
+        ok(app.url, "/delete", {"identity": "test"})
+    else:
+        ok(app.url, "/put", hourly(receiver, "/other"))
+    logs = run_fire(app, clock, 30)
+    assert logs[0]["message"][-1] == "stopped: the task was paused, replaced or deleted"
+    assert logs[0]["attempts"] == 1 and len(receiver.received("/status/500")) == 1
+
+
+def test_overlap_forbid_skips_a_fire_while_the_last_one_runs(apps, receiver):
+    app, clock = fake_app(apps, workers=4)
+    ok(app.url, "/put", task(url=receiver.url + "/slow", cron="*/10 * * * * *", zone="UTC",
+                             overlap="forbid"))
+    clock.advance(1)
+    receiver.wait_for(1, "/slow")  # the 12:00:00 fire now waits 2 s for its answer
+    clock.advance(10)
+    logs = wait_until(lambda: len(fire_logs(app)) >= 2 and fire_logs(app), message="2 logs")
+    skipped = [entry for entry in logs if entry["scheduled"] == NOON + 10][0]
+    assert skipped["type"] == "error" and skipped["attempts"] == 0
+    assert skipped["message"] == ["skipped: the fire due 2024-05-01T12:00:00Z is still "
+                                  "running (overlap: forbid)"]
+    assert len(receiver.received("/slow")) == 1
+    assert ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["overlap"] == "forbid"
+
+
+def test_overlap_replace_abandons_the_running_fires_retries(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", task(url=receiver.url + "/status/503", cron="*/10 * * * * *",
+                             zone="UTC", overlap="replace",
+                             retry={"attempts": 5, "backoff": 40, "max_backoff": 40}))
+    clock.advance(1)
+    receiver.wait_for(1, "/status/503")
+    clock.advance(10)
+    receiver.wait_for(2, "/status/503")
+    for _ in range(8):  # until the first fire's retry comes due and finds itself replaced
+        clock.advance(10)
+        first = [e for e in fire_logs(app) if e["scheduled"] == NOON]
+        if first:
+            break
+        time.sleep(0.05)
+    first = wait_until(lambda: [e for e in fire_logs(app) if e["scheduled"] == NOON],
+                       message="the first fire's log")[0]
+    assert first["attempts"] == 1
+    assert first["message"][-1] == ("abandoned: replaced by the fire due 2024-05-01T12:00:10Z "
+                                    "(overlap: replace)")
+
+
+def test_allow_lets_fires_overlap(apps, receiver):
+    app, clock = fake_app(apps, workers=4)
+    ok(app.url, "/put", task(url=receiver.url + "/slow", cron="*/10 * * * * *", zone="UTC"))
+    clock.advance(1)
+    receiver.wait_for(1, "/slow")
+    clock.advance(10)
+    receiver.wait_for(2, "/slow", timeout=1.5)  # the second goes while the first waits
+
+
+README_VERIFY = re.search(r"```python\n(.*?def verify.*?)```",
+                          (HERE / "README.md").read_text(), re.S)
+
+
+def test_signatures_verify_with_each_rotated_secret_as_readme_shows(apps, receiver):
+    namespace: dict = {}
+    exec(README_VERIFY.group(1), namespace)  # the receiver code README gives
+    verify = namespace["verify"]
+    app = apps.start(signing_secret="new-secret, old-secret")
+    ok(app.url, "/put", task(url=receiver.url + "/signed", cron="* * * * * *",
+                             body={"x": 1}))
+    got = receiver.wait_for(1, "/signed")[0]
+    header = got["headers"]["X-Schedule-Signature"]
+    assert re.fullmatch(r"t=\d+,v1=[0-9a-f]{64},v1=[0-9a-f]{64}", header)
+    assert verify("old-secret", header, got["body"])
+    assert verify("new-secret", header, got["body"])
+    assert not verify("other-secret", header, got["body"])
+    assert not verify("new-secret", header, got["body"] + b" ")
+    stale = re.sub(r"t=(\d+)", lambda m: f"t={int(m.group(1)) - 301}", header)
+    assert not verify("new-secret", stale, got["body"])  # outside the replay window
+
+
+def test_unsigned_without_secret(app, receiver):
+    ok(app.url, "/put", task(url=receiver.url + "/plain", cron="* * * * * *"))
+    assert "X-Schedule-Signature" not in receiver.wait_for(1, "/plain")[0]["headers"]
+
+
+def test_retry_endpoint_resends_a_failed_fire_with_the_same_fire_id(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/flaky/1"))
+    failed = run_fire(app, clock, 1)[0]
+    assert failed["type"] == "error" and failed["status"] == 503
+    request = {"identity": "test", "key": "index", "scheduled": failed["scheduled"]}
+    data = ok(app.url, "/retry", request)
+    assert data["type"] == "success" and data["retry_of"] == failed["_id"]
+    first, again = receiver.received("/flaky/1")
+    assert first["headers"]["X-Schedule-Fire-Id"] == again["headers"]["X-Schedule-Fire-Id"]
+    reply = post(app.url, "/retry", request)[1]
+    assert reply == {"error": 1, "msg": "scheduled: that fire has succeeded since"}
+    reply = post(app.url, "/retry", {**request, "scheduled": failed["scheduled"] + 1})[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("scheduled: no failed fire")
+    reply = post(app.url, "/retry", {**request, "key": "nope"})[1]
+    assert reply == {"error": 1, "msg": "key: task 'test' has no entry 'nope'"}
+    assert len(receiver.received("/flaky/1")) == 2
+
+
+def preview(app, cron, zone, after, count=4):
+    data = ok(app.url, "/preview", {"cron_time": cron, "time_zone": zone, "count": count,
+                                    "after": local(after, zone)})
+    return [(f["date"], f["dst"]) for f in data]
+
+
+def test_preview_flags_what_daylight_saving_did(app):
+    assert preview(app, "0 30 2 * * *", NY, "2024-03-09T12:00:00", 2) == [
+        ("2024-03-10T03:00:00-04:00", "moved"), ("2024-03-11T02:30:00-04:00", None)]
+    assert preview(app, "0 */20 2 * * *", NY, "2024-03-10T00:00:00", 2) == [
+        ("2024-03-10T03:00:00-04:00", "merged"), ("2024-03-11T02:00:00-04:00", None)]
+    assert preview(app, "0 30 1 * * *", NY, "2024-11-02T12:00:00", 2) == [
+        ("2024-11-03T01:30:00-04:00", "merged"), ("2024-11-04T01:30:00-05:00", None)]
+    assert preview(app, "0 0 * * * *", NY, "2024-11-03T00:30:00", 3) == [
+        ("2024-11-03T01:00:00-04:00", None), ("2024-11-03T01:00:00-05:00", "repeated"),
+        ("2024-11-03T02:00:00-05:00", None)]
+    zone = "Australia/Lord_Howe"
+    assert preview(app, "0 15 2 * * *", zone, "2024-10-05T12:00:00", 2) == [
+        ("2024-10-06T02:30:00+11:00", "moved"), ("2024-10-07T02:15:00+11:00", None)]
+    assert preview(app, "0 45 1 * * *", zone, "2024-04-06T12:00:00", 2) == [
+        ("2024-04-07T01:45:00+11:00", "merged"), ("2024-04-08T01:45:00+10:30", None)]
+    data = ok(app.url, "/preview", {"cron_time": "@every 90s", "after": 1000})
+    assert [f["time"] for f in data[:2]] == [1090, 1180] and len(data) == 10
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"cron_time": "* * *"}, "cron_time"), ({"cron_time": "@hourly", "count": 0}, "count"),
+    ({"cron_time": "@hourly", "count": 101}, "count"),
+    ({"cron_time": "@hourly", "time_zone": "Nowhere"}, "time_zone"),
+    ({"cron_time": "@hourly", "after": "now"}, "after"), ({}, "cron_time"),
+])
+def test_preview_rejects_bad_fields(app, request_, field):
+    reply = post(app.url, "/preview", request_)[1]
+    assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"retry": 3}, "entries.index.retry"),
+    ({"retry": {"attempts": 21}}, "entries.index.retry.attempts"),
+    ({"retry": {"attempts": 1.5}}, "entries.index.retry.attempts"),
+    ({"retry": {"attempts": True}}, "entries.index.retry.attempts"),
+    ({"retry": {"backoff": 0}}, "entries.index.retry.backoff"),
+    ({"retry": {"max_backoff": "1m"}}, "entries.index.retry.max_backoff"),
+    ({"retry": {"max_duration": -1}}, "entries.index.retry.max_duration"),
+    ({"retry": {"tries": 2}}, "entries.index.retry.tries"),
+    ({"overlap": "sometimes"}, "entries.index.overlap"),
+])
+def test_put_rejects_bad_delivery_fields(app, entry, field):
+    reply = post(app.url, "/put", task(**entry))[1]
+    assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
+    assert ok(app.url, "/all") == []
+
+
+def test_delivery_fields_are_returned_and_survive_a_restart(apps):
+    app = apps.start()
+    retry = {"attempts": 3, "backoff": 2, "max_backoff": 10, "max_duration": 60}
+    ok(app.url, "/put", task(retry=retry, overlap="replace"))
+    index = app.config.es_default_index
+    apps.stop(app)
+    app = apps.start(index=index)
+    entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
+    assert entry["retry"] == retry and entry["overlap"] == "replace"
