@@ -153,6 +153,7 @@ class Config:
     es_verify_certs: bool = True
     es_timeout: float = 10.0
     spool_max_bytes: int = 256 << 20
+    flush_interval: float = 0.5
     log_level: str = "INFO"
 
 
@@ -167,6 +168,7 @@ CONFIG_KEYS = {
     ("server", "log_level"): "log_level",
     ("storage", "path"): "data",
     ("storage", "spool_max_bytes"): "spool_max_bytes",
+    ("storage", "flush_interval"): "flush_interval",
     ("webhook", "timeout"): "webhook_timeout",
     ("webhook", "workers"): "workers",
     ("webhook", "max_response_bytes"): "max_response_bytes",
@@ -2118,6 +2120,7 @@ class App:
         self.config = config
         self.store = open_store(config)
         self.writer = LogWriter(self.store, os.path.join(config.data, "spool"),
+                                interval=config.flush_interval,
                                 spool_max_bytes=config.spool_max_bytes)
         self.service = Service(config, self.store, self.writer, clock)
         self.server = make_server(config, self.service)

@@ -123,7 +123,7 @@ class Receiver:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def received(self, path=None):
         with self.lock:
@@ -186,7 +186,8 @@ def es_client():
 
 
 def make_config(kind, data, index=None, **values):
-    base = {"host": "127.0.0.1", "port": 0, "data": str(data), "log_level": "DEBUG"}
+    base = {"host": "127.0.0.1", "port": 0, "data": str(data), "log_level": "DEBUG",
+            "flush_interval": 0.05}
     if kind == "elasticsearch":
         base.update(es_hosts=ES_URL, es_default_index=index or f"test-{uuid.uuid4().hex[:12]}")
     base.update(values)

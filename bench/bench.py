@@ -145,20 +145,15 @@ def start_service(opts, tmp: str, timeout: float = 120.0):
     raise RuntimeError(f"service did not answer /health within {timeout} s")
 
 
-def log_problems(tmp: str) -> list[str]:
-    path = os.path.join(tmp, "service.log")
-    with open(path if os.path.exists(path) else os.devnull, errors="replace") as handle:
-        return [line.rstrip() for line in handle
-                if any(word in line for word in (" WARNING ", " ERROR ", "Traceback"))]
-
-
-def log_excerpt(tmp: str, lines: int = 30) -> str:
-    """The service log from its first warning or error on, at most ``lines`` lines."""
+def service_log(tmp: str, lines: int = 30) -> tuple[int, str]:
+    """Count the warnings and errors in the service log; return it from the first on."""
     path = os.path.join(tmp, "service.log")
     with open(path if os.path.exists(path) else os.devnull, errors="replace") as handle:
         text = handle.read().splitlines()
-    first = next((i for i, line in enumerate(text) if line in log_problems(tmp)), len(text))
-    return "".join(f"  service log: {line}\n" for line in text[first:first + lines])
+    bad = [i for i, line in enumerate(text)
+           if any(word in line for word in (" WARNING ", " ERROR ", "Traceback"))]
+    excerpt = text[bad[0]:bad[0] + lines] if bad else []
+    return len(bad), "".join(f"  service log: {line}\n" for line in excerpt)
 
 
 # The receiver and the profiled service (subprocesses running this script) ###################
@@ -335,12 +330,18 @@ def part_startup(opts, tmp: str) -> dict:
     svc, port, ready = start_service(opts, tmp, opts.start_timeout)
     loaded, cpu_ready = get_health(port)["tasks"], cpu_seconds(svc.pid)
     time.sleep(opts.settle)
+    health_ms = []  # GET /health once loaded (a load balancer's probe), new connection each
+    for _ in range(20):
+        started = time.perf_counter()
+        get_health(port)
+        health_ms.append((time.perf_counter() - started) * 1000)
     rss, peak = proc_status(svc.pid, "VmRSS") / 1024, proc_status(svc.pid, "VmHWM") / 1024
     result = {"tasks": opts.tasks, "tasks_loaded": loaded, "distinct": len(expressions),
               "store_write_s": round(write_seconds, 2), "start_s": round(ready, 2),
               "start_cpu_s": round(cpu_ready, 2), "rss_mb": round(rss, 1),
               "peak_rss_mb": round(peak, 1), "threads": proc_status(svc.pid, "Threads"),
-              "stop_s": round(stop(svc), 2)}
+              "health_p50_ms": round(pct(health_ms, 50), 2),
+              "health_max_ms": round(max(health_ms), 2), "stop_s": round(stop(svc), 2)}
     return {**result, "target": f"100,000 tasks: <= {TARGETS['startup_rss_mb']:g} MB RSS, <= "
                                 f"{TARGETS['startup_s']:g} s to answer /health",
             "pass": loaded == opts.tasks and rss <= TARGETS["startup_rss_mb"]
@@ -394,7 +395,8 @@ def part_http(opts, tmp: str) -> dict:
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for i in range(100):
-        call(conn, "POST", "/put", task(f"get-{i}"))
+        if call(conn, "POST", "/put", task(f"get-{i}"))[1].get("error") != 0:
+            raise RuntimeError("/put of the tasks to get failed")
     conn.close()
     result: dict = {"clients": opts.clients, "seconds": opts.http_seconds}
     for name, make in (("get", lambda c, n: ("/get", {"identity": f"get-{(c * 13 + n) % 100}"})),
@@ -421,7 +423,8 @@ REPORT = {
     "startup": "startup: {tasks} tasks, {distinct} distinct cron expressions; store written "
                "in {store_write_s} s\n  /health answered after {start_s} s with {tasks_loaded} "
                "tasks (CPU {start_cpu_s} s); RSS {rss_mb} MB (peak {peak_rss_mb} MB), "
-               "{threads} threads; stop took {stop_s} s",
+               "{threads} threads\n  GET /health then: p50 {health_p50_ms} ms, max "
+               "{health_max_ms} ms; stop took {stop_s} s",
     "http": "http: {clients} keep-alive clients, {seconds} s per endpoint\n" + "\n".join(
         f"  /{n}: {{{n}[rps]}} req/s  p50 {{{n}[p50_ms]}} ms  p99 {{{n}[p99_ms]}} ms  errors "
         f"{{{n}[errors]}}  (CPU %: service {{{n}[service_cpu_pct]}}, client "
@@ -452,6 +455,7 @@ def main() -> int:
     add("--http-seconds", type=float, default=10, help="http: seconds per endpoint")
     add("--workers", type=int, help="the service's [webhook] workers (default: its own, 32)")
     add("--profile", help="write the service's all-thread cProfile (pstats) here")
+    add("--keep", action="store_true", help="keep the temporary folder (logs, stores)")
     opts = parser.parse_args()
     if min(opts.entries, opts.per_task, opts.clients) < 1 or opts.tasks < 0 or \
             not 0 <= opts.distinct <= 1_000_000 or opts.seconds < opts.warmup + opts.tail + 1:
@@ -459,6 +463,7 @@ def main() -> int:
                      "seconds > warmup + tail")
     profile = opts.profile and os.path.abspath(opts.profile)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` runs
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     parts = ("fires", "startup", "http") if opts.part == "all" else (opts.part,)
     results: dict = {}
     tmp = tempfile.mkdtemp(prefix="schedule-bench-")
@@ -471,12 +476,16 @@ def main() -> int:
             try:
                 results[part] = globals()[f"part_{part}"](opts, part_tmp)
             finally:  # the service's first warning or error, also when the part failed
-                print(log_excerpt(part_tmp), end="", file=sys.stderr)
-            results[part]["service_log_problems"] = len(log_problems(part_tmp))
+                problems, excerpt = service_log(part_tmp)
+                print(excerpt, end="", file=sys.stderr)
+            results[part]["service_log_problems"] = problems
     finally:
         for proc in list(PROCS):
             stop(proc, 5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if opts.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     for part, result in results.items():
         print(REPORT[part].format(**result))
         print(f"  target ({result['target']}): {'PASS' if result['pass'] else 'FAIL'}"
