@@ -317,13 +317,15 @@ class CronSchedule:
         self.zone = zone
         self.every_hour = every_hour
         self._cron = croniter(expression, _EPOCH, second_at_beginning=True)
-        self._lock = threading.Lock()  # a croniter is stateful; schedules are shared by entries
+        # Entries with equal schedules share this object, and fire at the same instants: the
+        # last answer serves them all (1,000 every-second entries: one computation a second).
+        self._memo: tuple[int, tuple[float, str | None]] | None = None
+        self._lock = threading.Lock()  # guards _cron (stateful) and _memo
 
     def _wall_next(self, wall: datetime) -> datetime:
         """Return the first wall time matching the expression strictly after ``wall``."""
-        with self._lock:
-            self._cron.set_current(wall, force=True)
-            return self._cron.get_next(datetime)
+        self._cron.set_current(wall, force=True)
+        return self._cron.get_next(datetime)
 
     def _instant(self, wall: datetime, offset: float) -> float:
         return (wall - _EPOCH).total_seconds() - offset
@@ -342,8 +344,17 @@ class CronSchedule:
         "repeated" (the second pass of a repeated wall time, fired by an every-hour
         schedule). Raises ScheduleError if the expression matches no date.
         """
+        # Fires and zone changes fall on whole seconds, so the answer for t is the answer for
+        # the whole second below it.
+        second = math.floor(t)
+        with self._lock:
+            if self._memo is None or self._memo[0] != second:
+                self._memo = (second, self._next_fire(second))
+            return self._memo[1]
+
+    def _next_fire(self, t: int) -> tuple[float, str | None]:
         zone = self.zone
-        start, inclusive = t, False
+        start, inclusive = float(t), False
         while True:
             local = datetime.fromtimestamp(start, zone)
             offset = local.utcoffset().total_seconds()
@@ -546,11 +557,12 @@ class Task:
     @classmethod
     def from_document(cls, doc: dict) -> "Task":
         anchors = doc.get("anchors") or {}
-        entries = {key: Entry(e["cron_time"], e["url"], e.get("headers"), e.get("body"),
-                              float(anchors.get(key, 0.0)), e.get("retry"),
-                              e.get("overlap", "allow"))
+        # Interned: a store of 100,000 tasks repeats a few expressions, zones and URLs.
+        entries = {key: Entry(sys.intern(e["cron_time"]), sys.intern(e["url"]),
+                              e.get("headers"), e.get("body"), float(anchors.get(key, 0.0)),
+                              e.get("retry"), sys.intern(e.get("overlap", "allow")))
                    for key, e in doc["entries"].items()}
-        return cls(doc["identity"], doc["time_zone"], bool(doc["start"]), entries)
+        return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
 
 
 def _check_json(value: Any, field: str) -> None:
@@ -851,10 +863,14 @@ class SQLiteStore:
         last: dict[str, dict[str, float]] = {}
         for identity, key, at in self._reading("SELECT identity, key, at FROM last_fire"):
             last.setdefault(identity, {})[key] = at
-        for identity, text in self._reading("SELECT identity, doc FROM tasks"):
-            doc = json.loads(text)
-            doc["last"] = last.get(identity, {})
-            yield doc
+        with self._read_lock:  # streamed: 100,000 documents never sit in memory at once
+            try:
+                for identity, text in self._read.execute("SELECT identity, doc FROM tasks"):
+                    doc = json.loads(text)
+                    doc["last"] = last.get(identity, {})
+                    yield doc
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from None
 
     def append_logs(self, records: list[dict]) -> None:
         rows = [(r["_id"], r["type"], r["identity"], r.get("key"), r.get("scheduled"),
@@ -1509,6 +1525,7 @@ class Scheduler:
         self._heap: list[tuple[float, int, _Slot | Fire]] = []
         self._stale = 0
         self._busy = 0  # fires handed to the workers and not yet recorded or re-queued
+        self._waiting = 0  # retries on the heap
         self._seq = itertools.count()
         self._schedules: dict[tuple[str, str], CronSchedule] = {}  # shared by equal entries
         self._wake = threading.Event()
@@ -1658,6 +1675,7 @@ class Scheduler:
                         outcome["delay"] = round(delay, 3)
                         heapq.heappush(self._heap, (self._clock.now() + delay,
                                                     next(self._seq), fire))
+                        self._waiting += 1
                         self._busy -= 1
                         self._wake.set()
                         return
@@ -1681,8 +1699,7 @@ class Scheduler:
     def stats(self) -> dict:
         """Return the number of fires being tried and of retries waiting for their time."""
         with self._lock:
-            waiting = sum(1 for item in self._heap if isinstance(item[2], Fire))
-            return {"fires_running": self._busy, "retries_waiting": waiting}
+            return {"fires_running": self._busy, "retries_waiting": self._waiting}
 
     def _start_fire(self, slot: _Slot, at: float) -> Fire:
         """Return the fire of a slot due at ``at``, applying the entry's overlap policy."""
@@ -1699,12 +1716,19 @@ class Scheduler:
         slot.inflight = fire
         return fire
 
-    def _pop_due(self, now: float) -> list[Fire]:
-        due = []
+    def _hand_over(self, fire: Fire) -> None:
+        self._busy += 1
+        self._pool.submit(fire)  # a queue put: never blocks
+
+    def _pop_due(self, now: float) -> int:
+        """Hand every due fire to the workers, each as soon as it is popped; return how many."""
+        count = 0
         while self._heap and self._heap[0][0] <= now:
             at, _, item = heapq.heappop(self._heap)
             if isinstance(item, Fire):  # a retry whose backoff is over
-                due.append(item)
+                self._waiting -= 1
+                self._hand_over(item)
+                count += 1
                 continue
             slot = item
             if not slot.live or slot.next != at:
@@ -1723,8 +1747,9 @@ class Scheduler:
             else:
                 slot.next = following
                 heapq.heappush(self._heap, (following, next(self._seq), slot))
-            due.append(self._start_fire(slot, at))
-        return due
+            self._hand_over(self._start_fire(slot, at))
+            count += 1
+        return count
 
     def _run(self) -> None:
         while True:
@@ -1733,11 +1758,8 @@ class Scheduler:
                     return
                 now = self._clock.now()
                 due = self._pop_due(now)
-                self._busy += len(due)
                 timeout = self._heap[0][0] - now if self._heap else TIMER_MAX_WAIT
                 self._wake.clear()
-            for job in due:
-                self._pool.submit(job)
             if not due:
                 self._clock.wait(self._wake, min(max(timeout, 0.0), TIMER_MAX_WAIT))
 
@@ -1753,6 +1775,8 @@ class Scheduler:
         with self._lock:
             unsent += [item for _, _, item in self._heap if isinstance(item, Fire)]
             self._heap = [item for item in self._heap if not isinstance(item[2], Fire)]
+            heapq.heapify(self._heap)
+            self._waiting = 0
         if unsent:
             log.warning("shutdown: %d fires not (re)tried; logged as errors", len(unsent))
         for fire in unsent:
@@ -1782,9 +1806,14 @@ class Service:
         self._scheduler = Scheduler(self._attempt, self._record, self._clock, config.workers,
                                     config.retry_attempts)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
+        self.ready = threading.Event()  # set once the stored tasks are loaded
 
     def start(self) -> int:
-        """Load every stored task with its running state, start firing; return the count."""
+        """Load every stored task with its running state, start firing; return the count.
+
+        Until it returns, ``ready`` is unset and the API answers only /health. Raises
+        StoreError when the store cannot be read; calling it again then is safe.
+        """
         count = 0
         for doc in self._store.load_tasks():
             try:
@@ -1793,6 +1822,7 @@ class Service:
             except (ScheduleError, KeyError, TypeError, ValueError) as exc:
                 log.error("stored task %r cannot be scheduled: %s", doc.get("identity"), exc)
         self._scheduler.start()
+        self.ready.set()
         return count
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -1949,7 +1979,8 @@ class Service:
         return fires
 
     def health(self) -> dict:
-        return {"version": __version__, "tasks": len(self._scheduler), **self._scheduler.stats(),
+        return {"version": __version__, "ready": self.ready.is_set(),
+                "tasks": len(self._scheduler), **self._scheduler.stats(),
                 "log_backlog": self._writer.backlog(),
                 "log_spool_files": len(self._writer.spooled_files()), **self._store.health()}
 
@@ -2053,6 +2084,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "POST":
             self._fail(405, f"{path} takes POST", [("Allow", "POST")])
             return
+        if not self.server.service.ready.is_set():
+            self._fail(503, "starting: the stored tasks are still loading; try again shortly",
+                       [("Retry-After", "1")])
+            return
         token = self.server.config.token
         if token:
             given = self.headers.get("Authorization", "")
@@ -2131,15 +2166,16 @@ class App:
         host, port = self.server.server_address[:2]
         return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
-    def start(self, background: bool = False) -> None:
-        """Load the tasks and start firing; serve in a thread if ``background``."""
-        count = self.service.start()
-        log.info("schedule-api %s listening on %s (store: %s, %d tasks)",
-                 __version__, self.url, self.store.kind, count)
-        if background:
+    def start(self) -> None:
+        """Serve HTTP from a thread (/health answers at once), then load the tasks and start
+        firing. Raises StoreError if the store cannot be read; calling it again is safe."""
+        if self._thread is None:
             self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                             daemon=True)
             self._thread.start()
+            log.info("schedule-api %s listening on %s", __version__, self.url)
+        count = self.service.start()
+        log.info("ready: %d tasks loaded from the %s store", count, self.store.kind)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, let webhooks in flight finish, flush the logs, close the store."""
@@ -2186,20 +2222,18 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum, frame):
         log.info("signal %d: shutting down", signum)
         stopping.set()
-        threading.Thread(target=app.server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while True:  # a cluster that is still starting (docker compose) is waited for
+    while not stopping.is_set():  # a cluster still starting (docker compose) is waited for
         try:
             app.start()
             break
         except StoreError as exc:
             log.warning("cannot load tasks, retrying in 5 s: %s", exc)
-            if stopping.wait(5):
-                app.close(0)
-                return 0
-    app.server.serve_forever()
+            stopping.wait(5)
+    while not stopping.wait(1):  # short waits: signal handlers run between them
+        pass
     app.close(config.webhook_timeout)
     log.info("stopped")
     return 0

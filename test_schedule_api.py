@@ -207,7 +207,7 @@ class Apps:
         if self.kind == "elasticsearch":
             self.indices.add(config.es_default_index)
         app = sa.App(config, clock)
-        app.start(background=True)
+        app.start()
         self.running.append(app)
         return app
 
@@ -233,6 +233,19 @@ def apps(store_kind, tmp_path):
 @pytest.fixture
 def app(apps):
     return apps.start()
+
+
+# Input checking happens before any store is touched: those tests run on SQLite alone.
+@pytest.fixture
+def sqlite_apps(tmp_path):
+    a = Apps("sqlite", tmp_path)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def sqlite_app(sqlite_apps):
+    return sqlite_apps.start()
 
 
 def task(identity="test", url="http://127.0.0.1:9/", cron="*/10 * * * * *", start=True,
@@ -473,12 +486,12 @@ GOOD = {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:9/"}
      "entries.a.headers.Content-Length"),
     ({"identity": "t", "entries": {"a": {**GOOD, "retries": 3}}}, "entries.a.retries"),
 ])
-def test_put_rejects_bad_fields_by_name_and_changes_nothing(app, request_, field):
-    status, reply = post(app.url, "/put", request_)
+def test_put_rejects_bad_fields_by_name_and_changes_nothing(sqlite_app, request_, field):
+    status, reply = post(sqlite_app.url, "/put", request_)
     assert status == 200 and reply["error"] == 1
     assert reply["msg"].startswith(field + ":") or reply["msg"].startswith(field + " "), reply
-    assert ok(app.url, "/all") == []
-    assert ok(app.url, "/search", {"type": "put"})["hits"]["total"]["value"] == 0
+    assert ok(sqlite_app.url, "/all") == []
+    assert ok(sqlite_app.url, "/search", {"type": "put"})["hits"]["total"]["value"] == 0
 
 
 def test_rejected_put_leaves_the_existing_task_as_it_was(app):
@@ -501,10 +514,10 @@ def test_rejected_put_leaves_the_existing_task_as_it_was(app):
     (b'{"identity": "t", "x":' + b"[" * 70 + b"]" * 70 + b"}", "nested deeper than 64"),
     (b'{"identity": "\\ud800x", "entries": {}}', "unpaired surrogate"),
 ])
-def test_malformed_bodies_get_a_clear_error(app, raw, problem):
-    status, reply = post(app.url, "/put", raw=raw)
+def test_malformed_bodies_get_a_clear_error(sqlite_app, raw, problem):
+    status, reply = post(sqlite_app.url, "/put", raw=raw)
     assert status == 200 and reply["error"] == 1 and problem in reply["msg"], reply
-    assert ok(app.url, "/all") == []  # and the server still answers
+    assert ok(sqlite_app.url, "/all") == []  # and the server still answers
 
 
 def test_oversized_body_is_refused_without_being_read(apps):
@@ -595,14 +608,14 @@ def test_unknown_identity_is_an_error(app, path):
     assert status == 200 and reply == {"error": 1, "msg": "task 'ghost' not found"}
 
 
-def test_running_requires_a_boolean(app):
-    ok(app.url, "/put", task())
-    reply = post(app.url, "/running", {"identity": "test", "running": "no"})[1]
+def test_running_requires_a_boolean(sqlite_app):
+    ok(sqlite_app.url, "/put", task())
+    reply = post(sqlite_app.url, "/running", {"identity": "test", "running": "no"})[1]
     assert reply["error"] == 1 and reply["msg"].startswith("running:")
 
 
-def test_lists_requires_an_array(app):
-    reply = post(app.url, "/lists", {"identity": "test"})[1]
+def test_lists_requires_an_array(sqlite_app):
+    reply = post(sqlite_app.url, "/lists", {"identity": "test"})[1]
     assert reply["error"] == 1 and reply["msg"].startswith("identity:")
 
 
@@ -699,8 +712,8 @@ def test_search_filters_exactly_and_pages_newest_first(app):
     ({"limit": "20"}, "limit"), ({"skip": -1}, "skip"), ({"skip": 9950, "limit": 100}, "skip"),
     ({"time": 5}, "time"), ({"time": {"gte": "x"}}, "time.gte"), ({"identity": 7}, "identity"),
 ])
-def test_search_rejects_bad_queries(app, query, field):
-    reply = post(app.url, "/search", query)[1]
+def test_search_rejects_bad_queries(sqlite_app, query, field):
+    reply = post(sqlite_app.url, "/search", query)[1]
     assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
 
 
@@ -915,10 +928,9 @@ class Process:
                                      str(self.config)], stdout=handle, stderr=handle,
                                     cwd=self.config.parent)
         handle.close()
-        found = wait_until(lambda: re.findall(r"listening on (http://\S+)",
-                                              self.log.read_text()[seen:]), timeout=20,
-                           message="the service to listen")
-        self.url = found[-1]
+        text = wait_until(lambda: "ready:" in self.log.read_text()[seen:] and
+                          self.log.read_text()[seen:], timeout=20, message="the service")
+        self.url = re.findall(r"listening on (http://\S+)", text)[-1]
         return self
 
     def kill(self, sig=signal.SIGKILL):
@@ -1232,8 +1244,8 @@ def test_retries_back_off_with_full_jitter_until_success(apps, receiver):
     ("/status/500", True), ("/status/503", True), ("/status/429", True), ("/close", True),
     ("/hang", True), ("/status/404", False), ("/status/400", False), ("/status/302", False),
 ])
-def test_what_is_retried(apps, receiver, path, retried):
-    app, clock = fake_app(apps, webhook_timeout=0.5)
+def test_what_is_retried(sqlite_apps, receiver, path, retried):
+    app, clock = fake_app(sqlite_apps, webhook_timeout=0.5)
     ok(app.url, "/put", hourly(receiver, path, retry={"attempts": 1, "backoff": 1}))
     logs = run_fire(app, clock, 1)
     assert logs[0]["type"] == "error" and logs[0]["attempts"] == (2 if retried else 1)
@@ -1247,9 +1259,9 @@ def test_what_is_retried(apps, receiver, path, retried):
 @pytest.mark.parametrize("status, value, max_backoff, expected", [
     (429, "7", 60, 7), (503, "7", 3, 3), (429, "0", 60, 0),
 ])
-def test_retry_after_is_honoured_within_the_bounds(apps, receiver, status, value,
+def test_retry_after_is_honoured_within_the_bounds(sqlite_apps, receiver, status, value,
                                                    max_backoff, expected):
-    app, clock = fake_app(apps)
+    app, clock = fake_app(sqlite_apps)
     path = f"/retry-after/{status}/{value}"
     ok(app.url, "/put", hourly(receiver, path, retry={"attempts": 1, "max_backoff": max_backoff}))
     logs = run_fire(app, clock, 1)
@@ -1423,8 +1435,8 @@ def test_preview_flags_what_daylight_saving_did(app):
     ({"cron_time": "@hourly", "time_zone": "Nowhere"}, "time_zone"),
     ({"cron_time": "@hourly", "after": "now"}, "after"), ({}, "cron_time"),
 ])
-def test_preview_rejects_bad_fields(app, request_, field):
-    reply = post(app.url, "/preview", request_)[1]
+def test_preview_rejects_bad_fields(sqlite_app, request_, field):
+    reply = post(sqlite_app.url, "/preview", request_)[1]
     assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
 
 
@@ -1439,10 +1451,10 @@ def test_preview_rejects_bad_fields(app, request_, field):
     ({"retry": {"tries": 2}}, "entries.index.retry.tries"),
     ({"overlap": "sometimes"}, "entries.index.overlap"),
 ])
-def test_put_rejects_bad_delivery_fields(app, entry, field):
-    reply = post(app.url, "/put", task(**entry))[1]
+def test_put_rejects_bad_delivery_fields(sqlite_app, entry, field):
+    reply = post(sqlite_app.url, "/put", task(**entry))[1]
     assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
-    assert ok(app.url, "/all") == []
+    assert ok(sqlite_app.url, "/all") == []
 
 
 def test_delivery_fields_are_returned_and_survive_a_restart(apps):
@@ -1454,3 +1466,24 @@ def test_delivery_fields_are_returned_and_survive_a_restart(apps):
     app = apps.start(index=index)
     entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
     assert entry["retry"] == retry and entry["overlap"] == "replace"
+
+
+def test_waits_for_an_unreachable_cluster_answering_health_meanwhile(tmp_path):
+    svc = Process(tmp_path, f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = "
+                            f"{tmp_path / 'data'}\n[elasticsearch]\nhosts = 127.0.0.1:9\n")
+    svc.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"), "--config",
+                                 str(svc.config)], stderr=open(svc.log, "w"), cwd=tmp_path)
+    try:
+        text = wait_until(lambda: "retrying in 5 s" in svc.log.read_text() and
+                          svc.log.read_text(), timeout=20, message="a retry warning")
+        url = re.findall(r"listening on (http://\S+)", text)[-1]
+        status, reply = post(url, "/health", method="GET")
+        assert status == 200 and reply["data"]["ready"] is False
+        assert reply["data"]["ok"] is False and reply["data"]["store"] == "elasticsearch"
+        status, reply = post(url, "/all")
+        assert status == 503 and reply["error"] == 1 and "loading" in reply["msg"]
+        assert svc.kill(signal.SIGTERM) == 0
+    finally:
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+    assert "Traceback" not in svc.log.read_text()
