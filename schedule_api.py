@@ -1868,7 +1868,9 @@ class Service:
 
     def put(self, request: dict) -> None:
         """Create or replace a task atomically; unchanged entries keep their fire times."""
-        task = validate_task(request, self._clock.now())
+        # @every counts from the put's whole second: its fires fall on whole seconds, as in
+        # robfig/cron, and X-Schedule-Time (whole seconds) names them exactly.
+        task = validate_task(request, math.floor(self._clock.now()))
         with self._lock:
             old = self._scheduler.task(task.identity)
             dates = self._scheduler.dates(task.identity)
