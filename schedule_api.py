@@ -1132,8 +1132,11 @@ class ElasticsearchStore:
 
     def health(self) -> dict:
         state = {"store": self.kind, "hosts": self._hosts, "index": self.index}
-        try:
-            ok = bool(self._es.ping())
+        try:  # briefly: a hung cluster must not make /health (and Docker's check) hang
+            if self._major < 8:
+                ok = bool(self._es.ping(request_timeout=2))
+            else:
+                ok = bool(self._es.options(request_timeout=2).ping())
         except Exception as exc:  # ping() returns False on most errors; be sure
             ok, state["reason"] = False, str(exc)
         return {**state, "ok": ok}
@@ -1145,14 +1148,15 @@ class ElasticsearchStore:
 # Log writer #################################################################################
 
 class LogWriter:
-    """Batch log records into the store from one background thread.
+    """Batch log records into the store from a background thread.
 
     write() queues a fire's record and returns at once; records reach the store at most
     ``interval`` seconds later. write_now() stores an API call's record before returning, so
     that /search sees it when the call has replied. When the store fails, records go to a
-    spool folder on disk (bounded by ``spool_max_bytes``) and are shipped when it answers
-    again, also after a restart; stores overwrite by record id, so a retried batch is never
-    doubled.
+    spool folder on disk (bounded by ``spool_max_bytes``), and while anything is spooled new
+    batches go there too, so a hung store holds no more than one batch in memory. A second
+    thread ships the spool, oldest first, when the store answers again, also after a
+    restart; stores overwrite by record id, so a batch sent twice is never doubled.
     """
 
     def __init__(self, store, spool_dir: str, interval: float = 0.5, max_batch: int = 2000,
@@ -1162,14 +1166,21 @@ class LogWriter:
         self._interval = interval
         self._max_batch = max_batch
         self._spool_max_bytes = spool_max_bytes
+        self._cond = threading.Condition()  # guards _pending, _sending and _closing
         self._pending: list[dict] = []
-        self._cond = threading.Condition()  # guards _pending and _closing
+        self._sending: list[dict] = []  # the batch being written
         self._closing = False
-        self._spool_lock = threading.Lock()  # guards the spool folder
-        self.dropped = 0
+        self._spool_lock = threading.Lock()  # guards _spooled_bytes and new spool files
         os.makedirs(spool_dir, exist_ok=True)
+        self._spooled_bytes = sum(os.path.getsize(os.path.join(spool_dir, name))
+                                  for name in self.spooled_files())
+        self.dropped = 0
+        self._stop_shipping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._shipper = threading.Thread(target=self._ship_loop, name="log-shipper",
+                                         daemon=True)
         self._thread.start()
+        self._shipper.start()
 
     def write(self, record: dict) -> None:
         """Queue one record for the next batch."""
@@ -1183,30 +1194,27 @@ class LogWriter:
         self._store_or_spool([record])
 
     def backlog(self) -> int:
-        """Return how many records wait in memory."""
+        """Return how many records wait in memory, the batch being written included."""
         with self._cond:
-            return len(self._pending)
+            return len(self._pending) + len(self._sending)
 
     def spooled_files(self) -> list[str]:
         return sorted(name for name in os.listdir(self._spool_dir) if name.endswith(".jsonl"))
 
-    def _store_or_spool(self, batch: list[dict]) -> bool:
+    def _store_or_spool(self, batch: list[dict]) -> None:
         try:
             self._store.append_logs(batch)
-            return True
         except StoreError as exc:
             log.warning("log store failed (%s); spooling %d records", exc, len(batch))
             self._spool(batch)
-            return False
 
     def _spool(self, batch: list[dict]) -> None:
         data = "".join(json.dumps(record) + "\n" for record in batch).encode()
         with self._spool_lock:
-            used = sum(os.path.getsize(os.path.join(self._spool_dir, name))
-                       for name in self.spooled_files())
-            if used + len(data) > self._spool_max_bytes:
+            if self._spooled_bytes + len(data) > self._spool_max_bytes:
                 self.dropped += len(batch)
-                log.error("log spool full (%d bytes); dropped %d records", used, len(batch))
+                log.error("log spool full (%d bytes); dropped %d records",
+                          self._spooled_bytes, len(batch))
                 return
             name = os.path.join(self._spool_dir, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
             with open(name + ".tmp", "wb") as handle:
@@ -1214,50 +1222,64 @@ class LogWriter:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(name + ".tmp", name + ".jsonl")
+            self._spooled_bytes += len(data)
 
     def ship_spool(self) -> bool:
         """Send spooled files to the store, oldest first; return True when none is left."""
-        with self._spool_lock:
-            for name in self.spooled_files():
-                path = os.path.join(self._spool_dir, name)
-                with open(path, encoding="utf-8") as handle:
-                    records = [json.loads(line) for line in handle if line.strip()]
-                try:
-                    for start in range(0, len(records), self._max_batch):
-                        self._store.append_logs(records[start:start + self._max_batch])
-                except StoreError as exc:
-                    log.info("spool not shipped yet: %s", exc)
-                    return False
-                os.remove(path)
-                log.info("shipped %d spooled log records", len(records))
+        for name in self.spooled_files():
+            path = os.path.join(self._spool_dir, name)
+            with open(path, encoding="utf-8") as handle:
+                records = [json.loads(line) for line in handle if line.strip()]
+            try:
+                for start in range(0, len(records), self._max_batch):
+                    self._store.append_logs(records[start:start + self._max_batch])
+            except StoreError as exc:
+                log.info("spool not shipped yet: %s", exc)
+                return False
+            size = os.path.getsize(path)
+            os.remove(path)
+            with self._spool_lock:
+                self._spooled_bytes -= size
+            log.info("shipped %d spooled log records", len(records))
         return True
 
+    def _ship_loop(self) -> None:
+        while not self._stop_shipping.wait(1.0):
+            if self.spooled_files():
+                self.ship_spool()
+
     def _run(self) -> None:
-        retry_at = 0.0
         while True:
             with self._cond:
                 if not self._closing and len(self._pending) < self._max_batch:
                     self._cond.wait(self._interval)
-                batch = self._pending[:self._max_batch]
+                batch = self._sending = self._pending[:self._max_batch]
                 del self._pending[:self._max_batch]
                 closing = self._closing and not self._pending
-            if batch:
+            if batch and self.spooled_files():
+                self._spool(batch)  # the store is failing or catching up: never wait on it
+            elif batch:
                 self._store_or_spool(batch)
-            if time.monotonic() >= retry_at and self.spooled_files():
-                retry_at = 0.0 if self.ship_spool() else time.monotonic() + 2.0
+            with self._cond:
+                self._sending = []
             if closing:
                 return
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush every queued record (to the store, or to the spool) and stop the thread."""
+        """Flush every queued record (to the store, or to the spool) and stop the threads."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._thread.join(timeout)
+        self._stop_shipping.set()
         with self._cond:
-            rest, self._pending = self._pending, []
-        if rest:  # the thread did not finish in time: keep the records on disk
+            # Still writing (a hung store): keep it all on disk; a record spooled twice is
+            # stored once.
+            rest = self._sending + self._pending if self._thread.is_alive() else []
+            self._pending = []
+        if rest:
             self._spool(rest)
+        self._shipper.join(min(timeout, 2.0))
 
 
 # Webhook delivery ###########################################################################
