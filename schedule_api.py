@@ -33,8 +33,8 @@ import configparser
 import dataclasses
 import email.utils
 import hashlib
-import hmac
 import heapq
+import hmac
 import http.client
 import http.server
 import itertools
@@ -46,7 +46,6 @@ import queue
 import random
 import re
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -55,8 +54,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
@@ -64,10 +64,33 @@ from croniter import CroniterError, croniter
 __version__ = "1.0.0"
 
 __all__ = [
-    "Config", "load_config", "parse_schedule", "CronSchedule", "EverySchedule",
-    "ScheduleError", "ValidationError", "NotFoundError", "StoreError",
-    "Entry", "Task", "validate_task", "SQLiteStore", "ElasticsearchStore", "open_store",
-    "LogWriter", "deliver", "Clock", "Scheduler", "Service", "make_server", "App", "main",
+    "App",
+    "Clock",
+    "Config",
+    "CronSchedule",
+    "ElasticsearchStore",
+    "Entry",
+    "EverySchedule",
+    "Fire",
+    "LogWriter",
+    "NotFoundError",
+    "SQLiteStore",
+    "ScheduleError",
+    "Scheduler",
+    "Service",
+    "StoreError",
+    "Task",
+    "ValidationError",
+    "attempt",
+    "fire_log",
+    "load_config",
+    "main",
+    "make_server",
+    "open_store",
+    "parse_schedule",
+    "retry_plan",
+    "signature",
+    "validate_task",
 ]
 
 log = logging.getLogger("schedule_api")
@@ -259,9 +282,11 @@ _FIELDS = (
     ("minute", 0, 59, None),
     ("hour", 0, 23, None),
     ("day-of-month", 1, 31, None),
-    ("month", 1, 12, {m: i for i, m in enumerate(
-        "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}),
-    ("day-of-week", 0, 6, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}),
+    ("month", 1, 12, {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun",
+                                                   "jul", "aug", "sep", "oct", "nov", "dec"),
+                                                  1)}),
+    ("day-of-week", 0, 6, {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu",
+                                                       "fri", "sat"))}),
 )
 
 
@@ -380,8 +405,8 @@ class CronSchedule:
                     tzinfo=zone, fold=1).utcoffset().total_seconds()
                 return candidate, "merged" if repeats and not self.every_hour else None
             after = _utc_offset(zone, change)
-            wall_before = datetime.fromtimestamp(change + offset, timezone.utc).replace(tzinfo=None)
-            wall_after = datetime.fromtimestamp(change + after, timezone.utc).replace(tzinfo=None)
+            wall_before = datetime.fromtimestamp(change + offset, UTC).replace(tzinfo=None)
+            wall_after = datetime.fromtimestamp(change + after, UTC).replace(tzinfo=None)
             if after > offset:  # spring forward: walls [wall_before, wall_after) never happen
                 if candidate_wall < wall_after:
                     several = self._wall_next(candidate_wall) < wall_after
@@ -555,7 +580,7 @@ class Task:
         return doc
 
     @classmethod
-    def from_document(cls, doc: dict) -> "Task":
+    def from_document(cls, doc: dict) -> Task:
         anchors = doc.get("anchors") or {}
         # Interned: a store of 100,000 tasks repeats a few expressions, zones and URLs.
         entries = {key: Entry(sys.intern(e["cron_time"]), sys.intern(e["url"]),
@@ -613,7 +638,7 @@ def _url(value: Any, field: str) -> str:
         raise ValidationError(field, "must not contain spaces or control characters")
     try:
         parts = urllib.parse.urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        _ = parts.port  # raises ValueError for a port that is not a number or out of range
     except ValueError as exc:
         raise ValidationError(field, f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -671,7 +696,7 @@ def validate_task(request: Any, now: float) -> Task:
         unknown = set(spec) - {"cron_time", "url", "headers", "body", "retry", "overlap",
                                "next_date", "last_date"}
         if unknown:
-            raise ValidationError(f"{field}.{sorted(unknown)[0]}", "is not a known entry field")
+            raise ValidationError(f"{field}.{min(unknown)}", "is not a known entry field")
         cron_time = spec.get("cron_time")
         try:
             parse_schedule(cron_time, zone, now)
@@ -703,7 +728,7 @@ def _retry(value: Any, field: str) -> dict | None:
                                      "and/or max_duration")
     unknown = set(value) - set(RETRY_LIMITS)
     if unknown:
-        raise ValidationError(f"{field}.{sorted(unknown)[0]}", "is not a known retry field")
+        raise ValidationError(f"{field}.{min(unknown)}", "is not a known retry field")
     for name, (low, high) in RETRY_LIMITS.items():
         if name in value:
             _number(value[name], f"{field}.{name}", low, high)
@@ -932,7 +957,7 @@ class ElasticsearchStore:
     """
 
     kind = "elasticsearch"
-    LOG_MAPPING = {"dynamic": False, "properties": {
+    LOG_MAPPING: ClassVar[dict] = {"dynamic": False, "properties": {
         "type": {"type": "keyword"}, "identity": {"type": "keyword"},
         "key": {"type": "keyword"}, "url": {"type": "keyword", "ignore_above": 2048},
         "time": {"type": "long"}, "@timestamp": {"type": "date", "format": "epoch_millis"},
@@ -943,7 +968,7 @@ class ElasticsearchStore:
         "body": {"type": "object", "enabled": False},
         "header": {"type": "object", "enabled": False},
         "response": {"type": "object", "enabled": False}}}
-    TASK_MAPPING = {"dynamic": False, "properties": {
+    TASK_MAPPING: ClassVar[dict] = {"dynamic": False, "properties": {
         "identity": {"type": "keyword"},
         "task": {"type": "object", "enabled": False},
         "last": {"type": "object", "enabled": False}}}
@@ -1137,7 +1162,7 @@ class ElasticsearchStore:
                 ok = bool(self._es.ping(request_timeout=2))
             else:
                 ok = bool(self._es.options(request_timeout=2).ping())
-        except Exception as exc:  # ping() returns False on most errors; be sure
+        except Exception as exc:  # noqa: BLE001 - ping() returns False on most errors; be sure
             ok, state["reason"] = False, str(exc)
         return {**state, "ok": ok}
 
@@ -1449,8 +1474,18 @@ class _Slot:
     fire still being tried. ``gen`` changes when the entry is paused, replaced or deleted,
     which stops the retries of its earlier fires."""
 
-    __slots__ = ("identity", "key", "entry", "schedule", "zone", "next", "last", "live",
-                 "gen", "inflight")
+    __slots__ = (
+        "entry",
+        "gen",
+        "identity",
+        "inflight",
+        "key",
+        "last",
+        "live",
+        "next",
+        "schedule",
+        "zone",
+    )
 
     def __init__(self, identity, key, entry, schedule, zone, last):
         self.identity, self.key, self.entry = identity, key, entry
@@ -1465,8 +1500,19 @@ class _Slot:
 class Fire:
     """One fire of an entry, from its first try to its last: what a worker sends."""
 
-    __slots__ = ("identity", "key", "entry", "zone", "scheduled", "policy", "tries", "slot",
-                 "gen", "stop", "done")
+    __slots__ = (
+        "done",
+        "entry",
+        "gen",
+        "identity",
+        "key",
+        "policy",
+        "scheduled",
+        "slot",
+        "stop",
+        "tries",
+        "zone",
+    )
 
     def __init__(self, slot: _Slot, scheduled: float, policy: dict):
         self.identity, self.key, self.entry, self.zone = (slot.identity, slot.key, slot.entry,
@@ -2016,13 +2062,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     with its traceback in one place and answered with a 500 envelope."""
 
     protocol_version = "HTTP/1.1"  # keep-alive
-    server: "_Server"
+    server: _Server
 
     def version_string(self) -> str:
         return USER_AGENT
     disable_nagle_algorithm = True  # else a reply sent in two writes waits ~40 ms for an ACK
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
@@ -2155,7 +2201,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__((config.host, config.port), handler)
 
     def handle_error(self, request, client_address) -> None:
-        log.debug("connection from %s failed", client_address, exc_info=True)
+        log.debug("connection from %s failed", client_address, exc_info=True)  # noqa: LOG014
 
 
 def make_server(config: Config, service: Service) -> _Server:
@@ -2197,7 +2243,8 @@ class App:
             self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                             daemon=True)
             self._thread.start()
-            log.info("schedule-api %s listening on %s", __version__, self.url)
+            host, port = self.server.server_address[:2]
+            log.info("schedule-api %s listening on http://%s:%d", __version__, host, port)
         count = self.service.start()
         log.info("ready: %d tasks loaded from the %s store", count, self.store.kind)
 

@@ -499,7 +499,7 @@ def test_rejected_put_leaves_the_existing_task_as_it_was(app):
     before = ok(app.url, "/get", {"identity": "test"})
     bad = task(url="http://127.0.0.1:1/")
     bad["entries"]["second"] = {"cron_time": "nonsense", "url": "http://127.0.0.1:9/"}
-    status, reply = post(app.url, "/put", bad)
+    _, reply = post(app.url, "/put", bad)
     assert reply["error"] == 1 and "entries.second.cron_time" in reply["msg"]
     assert ok(app.url, "/get", {"identity": "test"}) == before
 
@@ -762,10 +762,10 @@ def test_fifty_parallel_puts_all_land(app):
 
     def put(i):
         try:
-            status, reply = post(app.url, "/put", task(identity=f"t{i}", start=False))
+            _, reply = post(app.url, "/put", task(identity=f"t{i}", start=False))
             if reply != {"error": 0, "msg": "ok"}:
                 errors.append(reply)
-        except Exception as exc:  # collected and asserted below
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(repr(exc))
     threads = [threading.Thread(target=put, args=(i,)) for i in range(50)]
     for thread in threads:
@@ -834,7 +834,7 @@ def drive(scheduler, seconds, step=10.0):
     for _ in range(int(seconds / step)):
         scheduler.clock.advance(step)
         now = scheduler.clock.now()
-        wait_until(lambda: all(n is None or n > now for nd in (
+        wait_until(lambda now=now: all(n is None or n > now for nd in (
             scheduler.dates(i) for i in scheduler.identities()) for n, _ in nd.values()),
             message="the timer to catch up")
 
@@ -923,11 +923,10 @@ class Process:
 
     def start(self):
         seen = self.log.stat().st_size if self.log.exists() else 0
-        handle = open(self.log, "a")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"), "--config",
-                                     str(self.config)], stdout=handle, stderr=handle,
-                                    cwd=self.config.parent)
-        handle.close()
+        with open(self.log, "a") as handle:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"),
+                                          "--config", str(self.config)], stdout=handle,
+                                         stderr=handle, cwd=self.config.parent)
         text = wait_until(lambda: "ready:" in self.log.read_text()[seen:] and
                           self.log.read_text()[seen:], timeout=20, message="the service")
         self.url = re.findall(r"listening on (http://\S+)", text)[-1]
@@ -1185,7 +1184,7 @@ def test_es_restart_of_the_service_while_logs_are_spooled(es_apps, receiver, tmp
 def test_config_example_documents_every_option_with_its_default():
     text = (HERE / "config.example.ini").read_text()
     for section, option in sa.CONFIG_KEYS:
-        assert re.search(rf"^;? ?{option} =", text, re.M), f"[{section}] {option} missing"
+        assert re.search(rf"^;? ?{option} =", text, re.MULTILINE), f"[{section}] {option} missing"
     assert sa.load_config(str(HERE / "config.example.ini"), environ={}) == sa.Config()
 
 
@@ -1319,10 +1318,10 @@ def test_overlap_forbid_skips_a_fire_while_the_last_one_runs(apps, receiver):
     receiver.wait_for(1, "/slow")  # the 12:00:00 fire now waits 2 s for its answer
     clock.advance(10)
     logs = wait_until(lambda: len(fire_logs(app)) >= 2 and fire_logs(app), message="2 logs")
-    skipped = [entry for entry in logs if entry["scheduled"] == NOON + 10][0]
+    skipped = next(entry for entry in logs if entry["scheduled"] == NOON + 10)
     assert skipped["type"] == "error" and skipped["attempts"] == 0
-    assert skipped["message"] == ["skipped: the fire due 2024-05-01T12:00:00Z is still "
-                                  "running (overlap: forbid)"]
+    assert skipped["message"] == [("skipped: the fire due 2024-05-01T12:00:00Z is still "
+                                   "running (overlap: forbid)")]
     assert len(receiver.received("/slow")) == 1
     assert ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["overlap"] == "forbid"
 
@@ -1359,12 +1358,12 @@ def test_allow_lets_fires_overlap(apps, receiver):
 
 
 README_VERIFY = re.search(r"```python\n(.*?def verify.*?)```",
-                          (HERE / "README.md").read_text(), re.S)
+                          (HERE / "README.md").read_text(), re.DOTALL)
 
 
 def test_signatures_verify_with_each_rotated_secret_as_readme_shows(apps, receiver):
     namespace: dict = {}
-    exec(README_VERIFY.group(1), namespace)  # the receiver code README gives
+    exec(README_VERIFY.group(1), namespace)  # noqa: S102 - the receiver code README gives
     verify = namespace["verify"]
     app = apps.start(signing_secret="new-secret, old-secret")
     ok(app.url, "/put", task(url=receiver.url + "/signed", cron="* * * * * *",
@@ -1471,8 +1470,9 @@ def test_delivery_fields_are_returned_and_survive_a_restart(apps):
 def test_waits_for_an_unreachable_cluster_answering_health_meanwhile(tmp_path):
     svc = Process(tmp_path, f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = "
                             f"{tmp_path / 'data'}\n[elasticsearch]\nhosts = 127.0.0.1:9\n")
-    svc.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"), "--config",
-                                 str(svc.config)], stderr=open(svc.log, "w"), cwd=tmp_path)
+    with open(svc.log, "w") as log_file:
+        svc.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"),
+                                     "--config", str(svc.config)], stderr=log_file, cwd=tmp_path)
     try:
         text = wait_until(lambda: "retrying in 5 s" in svc.log.read_text() and
                           svc.log.read_text(), timeout=20, message="a retry warning")

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCS: list[subprocess.Popen] = []
@@ -95,7 +95,7 @@ def cpu_seconds(pid: int) -> float:
 def proc_status(pid: int, name: str) -> int:
     """A number from /proc/<pid>/status (VmRSS and VmHWM in kB, Threads a count)."""
     with open(f"/proc/{pid}/status") as handle:
-        return int(re.search(rf"^{name}:\s*(\d+)", handle.read(), re.M).group(1))
+        return int(re.search(rf"^{name}:\s*(\d+)", handle.read(), re.MULTILINE).group(1))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -299,7 +299,7 @@ def startup_expressions(opts, schedule_api) -> list[str]:
         return [e for e in STARTUP_MIX
                 if schedule_api.parse_schedule(e, utc).next_after(now) > horizon]
     # K distinct yearly expressions, on dates other than today and tomorrow (UTC).
-    skip = {(d.month, d.day) for d in (datetime.now(timezone.utc) + timedelta(days=n)
+    skip = {(d.month, d.day) for d in (datetime.now(UTC) + timedelta(days=n)
                                        for n in (0, 1))}
     rng, found = random.Random(1), set()
     for _ in range(20 * opts.distinct):
@@ -480,7 +480,7 @@ def main() -> int:
                 print(excerpt, end="", file=sys.stderr)
             results[part]["service_log_problems"] = problems
     finally:
-        for proc in list(PROCS):
+        for proc in PROCS:
             stop(proc, 5)
         if opts.keep:
             print(f"kept {tmp}", file=sys.stderr)

@@ -129,7 +129,7 @@ class Receiver(http.server.ThreadingHTTPServer):
 
 
 class ReceiverHandler(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - the base class's naming
+    def do_POST(self):
         arrival = time.time()
         length = int(self.headers.get("Content-Length") or 0)
         if length:
@@ -143,7 +143,7 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def log_message(self, format, *args):  # noqa: A002 - quiet
+    def log_message(self, format, *args):
         pass
 
 
@@ -278,7 +278,7 @@ class HealthWatch(threading.Thread):
             at, phase, started = time.time(), self.phase, time.monotonic()
             try:
                 data, error = call(self.port, "GET", "/health", timeout=15)["data"], None
-            except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+            except Exception as exc:
                 data, error = None, f"{type(exc).__name__}: {exc}"
             self.samples.append(Sample(at, phase, data, error, time.monotonic() - started))
             self.done.wait(self.every)
@@ -420,7 +420,7 @@ def analyse(opts, tmp, received, logs, read_problems, watch, marks, drained, nod
     try:
         sys.path.insert(0, REPO)
         from schedule_api import fire_id
-    except Exception:  # noqa: BLE001 - the cross-check is optional
+    except Exception:
         fire_id = None
 
     got: collections.Counter = collections.Counter()  # fire -> deliveries
@@ -462,7 +462,7 @@ def analyse(opts, tmp, received, logs, read_problems, watch, marks, drained, nod
     with open(os.path.join(tmp, "service.log"), errors="replace") as handle:
         log_text = handle.read()
     levels = collections.Counter(re.findall(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ", log_text,
-                                            re.M))
+                                            re.MULTILINE))
     spooled = sum(map(int, re.findall(r"spooling (\d+) records", log_text)))
     shipped = sum(map(int, re.findall(r"shipped (\d+) spooled log records", log_text)))
     distinct = collections.Counter(
@@ -558,7 +558,7 @@ def main() -> int:
     except KeyboardInterrupt:
         say("interrupted")
         status = 130
-    except Exception as exc:  # noqa: BLE001 - reported, then cleaned up
+    except Exception as exc:
         say(f"run failed: {type(exc).__name__}: {exc}")
     finally:
         for name, action in reversed(cleanup):  # service, then node, then receiver
@@ -568,7 +568,7 @@ def main() -> int:
                     break
                 except KeyboardInterrupt:
                     say(f"interrupted while stopping the {name}; trying once more")
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     say(f"stopping the {name} failed: {exc}")
                     break
         if opts.keep or status in (1, 2):  # kept to look into a failure
