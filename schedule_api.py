@@ -54,6 +54,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -105,6 +106,7 @@ RETRY_DEFAULTS = {"attempts": 0, "backoff": 1.0, "max_backoff": 60.0, "max_durat
 RETRY_LIMITS = {"attempts": (0, 20), "backoff": (0.001, 3600), "max_backoff": (0.001, 86400),
                 "max_duration": (0.001, 86400)}  # (low, high) of each retry field
 MAX_PREVIEW = 100
+MAX_EVERY = 100 * 365 * 86400.0  # seconds: @every beyond a century is a mistake
 MAX_IDENTITY = 128
 MAX_ENTRIES = 1000
 MAX_URL = 2048
@@ -258,6 +260,12 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
         raise ValidationError("[webhook] timeout", "must be above 0")
     if config.retry_attempts > RETRY_LIMITS["attempts"][1]:
         raise ValidationError("[webhook] retry_attempts", "must be 0..20")
+    for name, option in (("flush_interval", "[storage] flush_interval"),
+                         ("request_timeout", "[server] request_timeout")):
+        if getattr(config, name) <= 0:
+            raise ValidationError(option, "must be above 0")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValidationError("[server] log_level", "must be DEBUG, INFO, WARNING or ERROR")
     return config
 
 
@@ -266,7 +274,7 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1) - _EPOCH
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _DESCRIPTORS = {
     "@yearly": "0 0 0 1 1 *",
     "@annually": "0 0 0 1 1 *",
@@ -408,9 +416,11 @@ class CronSchedule:
             wall_before = datetime.fromtimestamp(change + offset, UTC).replace(tzinfo=None)
             wall_after = datetime.fromtimestamp(change + after, UTC).replace(tzinfo=None)
             if after > offset:  # spring forward: walls [wall_before, wall_after) never happen
-                if candidate_wall < wall_after:
-                    several = self._wall_next(candidate_wall) < wall_after
+                if candidate_wall < wall_after and not self.every_hour:
+                    # A run at wall_after itself lands on the same instant: merged too.
+                    several = self._wall_next(candidate_wall) <= wall_after
                     return change, "merged" if several else "moved"
+                # An every-hour schedule follows real time: the skipped walls are skipped.
                 start, inclusive = change, True
             else:  # fall back: walls [wall_after, wall_before) happen twice
                 start, inclusive = change, True
@@ -443,6 +453,8 @@ def _parse_go_duration(text: str) -> float:
     if not text or _GO_DURATION.sub("", text) != "":
         raise ScheduleError(f"@every needs a duration like 5s, 1m30s or 1h, not {text!r}")
     total = sum(float(number) * _GO_UNITS[unit] for number, unit in _GO_DURATION.findall(text))
+    if not total <= MAX_EVERY:
+        raise ScheduleError(f"@every {text} is longer than {MAX_EVERY // 3600:.0f}h")
     # robfig/cron: under one second becomes one second, and fractions of a second are dropped.
     return float(max(1, math.floor(total)))
 
@@ -455,7 +467,7 @@ def _parse_field(text: str, index: int) -> str:
         lowered = token.lower()
         if names and lowered in names:
             return names[lowered]
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise ScheduleError(f"{name} field: {token!r} is not a number"
                                 + (" or a name" if names else ""))
         value = int(token)
@@ -467,7 +479,7 @@ def _parse_field(text: str, index: int) -> str:
     for item in text.split(","):
         range_part, slash, step_part = item.partition("/")
         if slash:
-            if not step_part.isdigit() or int(step_part) == 0:
+            if not (step_part.isascii() and step_part.isdigit()) or int(step_part) == 0:
                 raise ScheduleError(f"{name} field: step {step_part!r} must be a positive number")
             step = int(step_part)
         else:
@@ -590,6 +602,11 @@ class Task:
         return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
 
 
+def _reject_constant(name: str) -> None:
+    """Refuse NaN and Infinity, which Python's json reads but JSON does not have."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _check_json(value: Any, field: str) -> None:
     """Refuse JSON nested deeper than MAX_JSON_DEPTH and strings that are not valid Unicode."""
     stack = [(value, 1)]
@@ -654,7 +671,7 @@ def _headers(value: Any, field: str) -> dict | None:
     if len(value) > MAX_HEADERS:
         raise ValidationError(field, f"must have at most {MAX_HEADERS} headers")
     for name, text in value.items():
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise ValidationError(f"{field}.{name}", "is not a valid header name")
         if name.lower() in FORBIDDEN_HEADERS:
             raise ValidationError(f"{field}.{name}", "is set by the service and cannot be given")
@@ -662,6 +679,8 @@ def _headers(value: Any, field: str) -> dict | None:
             raise ValidationError(f"{field}.{name}", "must be a string")
         if any(c in text for c in "\r\n\0"):
             raise ValidationError(f"{field}.{name}", "must not contain line breaks")
+        if not all(ord(c) < 256 for c in text):  # HTTP sends header values as Latin-1
+            raise ValidationError(f"{field}.{name}", "must be ASCII or Latin-1 text")
     return value
 
 
@@ -714,8 +733,9 @@ def validate_task(request: Any, now: float) -> Task:
 
 
 def _number(value: Any, field: str, low: float, high: float) -> float:
+    # Comparisons first: math.isfinite() overflows on integers like 10**400.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or not low <= value <= high:
+            not low <= value <= high:
         raise ValidationError(field, f"must be a number from {low:g} to {high:g}")
     return value
 
@@ -755,11 +775,8 @@ def validate_search(request: dict) -> dict:
         if not isinstance(span, dict):
             raise ValidationError("time", "must be an object with gte and/or lte")
         for side in ("gte", "lte"):
-            value = span.get(side)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValidationError(f"time.{side}", "must be a number of UNIX seconds")
-                query[side] = value
+            if span.get(side) is not None:
+                query[side] = _number(span[side], f"time.{side}", -1e11, 1e11)
     for name, low, high in (("limit", 1, MAX_SEARCH_LIMIT), ("skip", 0, MAX_SEARCH_WINDOW)):
         value = request.get(name)
         if value is not None:
@@ -875,8 +892,16 @@ class SQLiteStore:
 
     def save_task(self, doc: dict) -> None:
         text = json.dumps({k: v for k, v in doc.items() if k != "last"})
-        self._writing(lambda db: db.execute(
-            "INSERT OR REPLACE INTO tasks (identity, doc) VALUES (?, ?)", (doc["identity"], text)))
+        identity = doc["identity"]
+
+        def work(db):
+            db.execute("INSERT OR REPLACE INTO tasks (identity, doc) VALUES (?, ?)",
+                       (identity, text))
+            # The document's last fires replace the stored ones: a changed entry has none.
+            db.execute("DELETE FROM last_fire WHERE identity = ?", (identity,))
+            db.executemany("INSERT INTO last_fire (identity, key, at) VALUES (?, ?, ?)",
+                           [(identity, key, at) for key, at in (doc.get("last") or {}).items()])
+        self._writing(work)
 
     def delete_task(self, identity: str) -> None:
         def work(db):
@@ -888,14 +913,19 @@ class SQLiteStore:
         last: dict[str, dict[str, float]] = {}
         for identity, key, at in self._reading("SELECT identity, key, at FROM last_fire"):
             last.setdefault(identity, {})[key] = at
-        with self._read_lock:  # streamed: 100,000 documents never sit in memory at once
+        # Streamed, so 100,000 documents never sit in memory at once, on a connection of its
+        # own, so /health (which reads) answers meanwhile.
+        try:
+            db = self._connect()
             try:
-                for identity, text in self._read.execute("SELECT identity, doc FROM tasks"):
+                for identity, text in db.execute("SELECT identity, doc FROM tasks"):
                     doc = json.loads(text)
                     doc["last"] = last.get(identity, {})
                     yield doc
-            except sqlite3.Error as exc:
-                raise StoreError(f"sqlite: {exc}") from None
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from None
 
     def append_logs(self, records: list[dict]) -> None:
         rows = [(r["_id"], r["type"], r["identity"], r.get("key"), r.get("scheduled"),
@@ -905,7 +935,8 @@ class SQLiteStore:
         def work(db):
             db.executemany("INSERT OR REPLACE INTO logs (id, type, identity, key, scheduled, "
                            "time, ts, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO last_fire (identity, key, at) VALUES (?, ?, ?) "
+            db.executemany("INSERT INTO last_fire (identity, key, at) SELECT ?, ?, ? WHERE "
+                           "EXISTS (SELECT 1 FROM tasks WHERE identity = ?1) "
                            "ON CONFLICT (identity, key) DO UPDATE SET at = max(at, excluded.at)",
                            fires)
         self._writing(work)
@@ -1195,6 +1226,7 @@ class LogWriter:
         self._pending: list[dict] = []
         self._sending: list[dict] = []  # the batch being written
         self._closing = False
+        self._closed = False
         self._spool_lock = threading.Lock()  # guards _spooled_bytes and new spool files
         os.makedirs(spool_dir, exist_ok=True)
         self._spooled_bytes = sum(os.path.getsize(os.path.join(spool_dir, name))
@@ -1208,15 +1240,24 @@ class LogWriter:
         self._shipper.start()
 
     def write(self, record: dict) -> None:
-        """Queue one record for the next batch."""
+        """Queue one record for the next batch (after close(): spool it at once)."""
         with self._cond:
-            self._pending.append(record)
-            if len(self._pending) >= self._max_batch:
-                self._cond.notify()
+            if not self._closed:
+                self._pending.append(record)
+                if len(self._pending) >= self._max_batch:
+                    self._cond.notify()
+                return
+        self._spool_safely([record])  # a webhook that outlived the shutdown
 
     def write_now(self, record: dict) -> None:
-        """Store one record before returning (spooled if the store fails)."""
-        self._store_or_spool([record])
+        """Store one record before returning (spooled if the store fails; queued if even the
+        disk fails: the change it logs is made, so the reply must not say otherwise)."""
+        try:
+            self._store_or_spool([record])
+        except OSError as exc:
+            log.error("cannot spool a log record (%s); keeping it in memory", exc)
+            with self._cond:
+                self._pending.append(record)
 
     def backlog(self) -> int:
         """Return how many records wait in memory, the batch being written included."""
@@ -1268,10 +1309,36 @@ class LogWriter:
             log.info("shipped %d spooled log records", len(records))
         return True
 
+    def _spool_safely(self, batch: list[dict]) -> None:
+        try:
+            self._spool(batch)
+        except OSError as exc:
+            self.dropped += len(batch)
+            log.error("cannot spool %d log records, dropped: %s", len(batch), exc)
+
     def _ship_loop(self) -> None:
         while not self._stop_shipping.wait(1.0):
-            if self.spooled_files():
-                self.ship_spool()
+            try:
+                if self.spooled_files():
+                    self.ship_spool()
+            except (OSError, ValueError) as exc:  # a disk error, a damaged spool file
+                log.error("cannot ship the log spool: %s", exc)
+                self._set_aside_damaged()
+
+    def _set_aside_damaged(self) -> None:
+        """Rename spool files that are not JSON lines to *.bad, so they block nothing."""
+        for name in self.spooled_files():
+            path = os.path.join(self._spool_dir, name)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    for line in handle:
+                        json.loads(line)
+            except (OSError, ValueError):
+                log.error("log spool file %s is damaged; kept as %s.bad", path, path)
+                try:
+                    os.replace(path, path + ".bad")
+                except OSError:
+                    pass
 
     def _run(self) -> None:
         while True:
@@ -1281,10 +1348,21 @@ class LogWriter:
                 batch = self._sending = self._pending[:self._max_batch]
                 del self._pending[:self._max_batch]
                 closing = self._closing and not self._pending
-            if batch and self.spooled_files():
-                self._spool(batch)  # the store is failing or catching up: never wait on it
-            elif batch:
-                self._store_or_spool(batch)
+            try:
+                if batch and self.spooled_files():
+                    self._spool(batch)  # the store is failing or catching up: never wait on it
+                elif batch:
+                    self._store_or_spool(batch)
+            except OSError as exc:  # the store failed and so did the disk: try again soon
+                log.error("cannot store or spool %d log records (%s); retrying", len(batch),
+                          exc)
+                with self._cond:
+                    self._pending[:0] = batch
+                    self._sending = []
+                if closing:
+                    return
+                time.sleep(1.0)
+                continue
             with self._cond:
                 self._sending = []
             if closing:
@@ -1298,12 +1376,13 @@ class LogWriter:
         self._thread.join(timeout)
         self._stop_shipping.set()
         with self._cond:
-            # Still writing (a hung store): keep it all on disk; a record spooled twice is
-            # stored once.
-            rest = self._sending + self._pending if self._thread.is_alive() else []
+            # Still writing (a hung store) or failed: keep it all on disk; a record spooled
+            # twice is stored once.
+            rest = self._sending + self._pending if self._thread.is_alive() else self._pending
             self._pending = []
+            self._closed = True
         if rest:
-            self._spool(rest)
+            self._spool_safely(rest)
         self._shipper.join(min(timeout, 2.0))
 
 
@@ -1332,13 +1411,27 @@ def fire_id(identity: str, key: str, scheduled: float) -> str:
     return hashlib.sha256(f"{identity}\n{key}\n{scheduled!r}".encode()).hexdigest()[:32]
 
 
-def _read_response(response, limit: int) -> Any:
-    data = response.read(limit + 1)
+class _ReplyTooSlow(OSError):
+    """The reply's body was still arriving when the webhook's time was up."""
+
+
+def _read_response(response, limit: int, deadline: float) -> Any:
+    """Read at most ``limit`` bytes of a reply by ``deadline`` (monotonic); return it parsed
+    as JSON when it is JSON, else as text. The socket timeout bounds each read; the deadline
+    bounds them all, so a receiver that drips its reply cannot hold a worker."""
+    data = b""
+    while len(data) <= limit:
+        if time.monotonic() > deadline:
+            raise _ReplyTooSlow("timed out reading the reply")
+        chunk = response.read1(min(16384, limit + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
     text = data[:limit].decode("utf-8", errors="replace")
     if len(data) <= limit:
-        try:
-            return json.loads(text)
-        except ValueError:
+        try:  # what a receiver sends must not break us: NaN, or nesting beyond recursion
+            return json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
             pass
     return text
 
@@ -1348,7 +1441,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
@@ -1388,16 +1481,17 @@ def attempt(identity: str, key: str, entry: Entry, scheduled: float, zone: ZoneI
     headers.update(entry.headers or {})
     request = urllib.request.Request(entry.url, data=data, headers=headers, method="POST")
     started = time.monotonic()
+    deadline = started + timeout
     status, response, problem, retry_after = None, None, None, None
     try:
         with _OPENER.open(request, timeout=timeout) as reply:
             status = reply.status
-            response = _read_response(reply, max_response_bytes)
+            response = _read_response(reply, max_response_bytes, deadline)
     except urllib.error.HTTPError as exc:
         status = exc.code
         retry_after = _retry_after(exc.headers.get("Retry-After"))
         try:
-            response = _read_response(exc, max_response_bytes)
+            response = _read_response(exc, max_response_bytes, deadline)
         except (OSError, http.client.HTTPException):
             response = None
         problem = f"HTTP {exc.code} {exc.reason}"
@@ -1495,6 +1589,9 @@ class _Slot:
         self.live = False
         self.gen = 0
         self.inflight: Fire | None = None
+
+
+_RETRYING = "retrying"  # Scheduler._try's answer when the fire waits on the heap for a retry
 
 
 class Fire:
@@ -1595,7 +1692,9 @@ class Scheduler:
         self._busy = 0  # fires handed to the workers and not yet recorded or re-queued
         self._waiting = 0  # retries on the heap
         self._seq = itertools.count()
-        self._schedules: dict[tuple[str, str], CronSchedule] = {}  # shared by equal entries
+        # Shared by equal entries; weak, so that a schedule no entry uses any more is freed.
+        self._schedules: weakref.WeakValueDictionary[tuple[str, str], CronSchedule] = \
+            weakref.WeakValueDictionary()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -1604,12 +1703,17 @@ class Scheduler:
     # -- the registry, called from request threads --
 
     def _schedule(self, entry: Entry, zone: ZoneInfo, zone_name: str):
+        """Return the entry's schedule: shared with equal entries, parsed outside the lock
+        (a put of 1,000 new expressions must not stall the timer)."""
         if entry.cron_time.strip().startswith("@every"):
             return parse_schedule(entry.cron_time, zone, entry.anchor)
         cache_key = (entry.cron_time, zone_name)
-        schedule = self._schedules.get(cache_key)
+        with self._lock:
+            schedule = self._schedules.get(cache_key)
         if schedule is None:
-            schedule = self._schedules[cache_key] = parse_schedule(entry.cron_time, zone)
+            parsed = parse_schedule(entry.cron_time, zone)
+            with self._lock:
+                schedule = self._schedules.setdefault(cache_key, parsed)
         return schedule
 
     def _kill(self, identity: str) -> dict[str, _Slot]:
@@ -1634,9 +1738,9 @@ class Scheduler:
         """Add or replace a task. Entries whose schedule is unchanged keep their next fire
         and last fire; others start from now. Raises ScheduleError for a bad cron_time."""
         zone = load_zone(task.time_zone)
+        schedules = {key: self._schedule(entry, zone, task.time_zone)
+                     for key, entry in task.entries.items()}
         with self._lock:
-            schedules = {key: self._schedule(entry, zone, task.time_zone)
-                         for key, entry in task.entries.items()}
             now = self._clock.now()
             old_task = self._tasks.get(task.identity)
             old = self._kill(task.identity)
@@ -1705,8 +1809,15 @@ class Scheduler:
     def _compact(self) -> None:
         # Stale heap items are skipped when popped; rebuild when they are the larger part.
         if self._stale > 1024 and self._stale * 2 > len(self._heap):
-            self._heap = [item for item in self._heap if isinstance(item[2], Fire) or
-                          (item[2].live and item[2].next == item[0])]
+            kept, armed = [], set()  # a slot paused and resumed may have two items: keep one
+            for item in self._heap:
+                slot = item[2]
+                if isinstance(slot, Fire):
+                    kept.append(item)
+                elif slot.live and slot.next == item[0] and id(slot) not in armed:
+                    armed.add(id(slot))
+                    kept.append(item)
+            self._heap = kept
             heapq.heapify(self._heap)
             self._stale = 0
 
@@ -1726,30 +1837,44 @@ class Scheduler:
         return None
 
     def _work(self, fire: Fire) -> None:
-        """Make one try of a fire (on a worker); put its retry on the heap or record it."""
-        reason = self._stopped(fire)
-        if reason is None and fire.tries and \
-                self._clock.now() - fire.scheduled > fire.policy["max_duration"]:
-            reason = f"gave up: max_duration of {fire.policy['max_duration']:g} s reached"
-        if reason is None:
-            outcome = self._attempt(fire)
-            fire.tries.append(outcome)
-            delay, reason = retry_plan(fire.policy, len(fire.tries), outcome,
-                                       self._clock.now() - fire.scheduled, self._rng)
-            if delay is not None:
-                with self._lock:
-                    reason = None if self._stopping else self._stopped(fire)
-                    if reason is None:
-                        outcome["delay"] = round(delay, 3)
-                        heapq.heappush(self._heap, (self._clock.now() + delay,
-                                                    next(self._seq), fire))
-                        self._waiting += 1
-                        self._busy -= 1
-                        self._wake.set()
-                        return
-        self._finish(fire, reason)
+        """Make one try of a fire (on a worker); put its retry on the heap or record it.
+        Whatever happens, the fire ends in exactly one record or one retry on the heap."""
+        reason = None
+        try:
+            reason = self._try(fire)
+        except Exception as exc:  # a bug must cost one fire its retries, never its log
+            log.exception("fire of %s/%s failed", fire.identity, fire.key)
+            reason = f"internal error: {type(exc).__name__}"
+        if reason is not _RETRYING:
+            self._finish(fire, reason)
         with self._lock:
             self._busy -= 1
+
+    def _try(self, fire: Fire) -> str | None:
+        """Make the try, if any is due; return why the fire ends, or _RETRYING."""
+        reason = self._stopped(fire)
+        late = self._clock.now() - fire.scheduled > fire.policy["max_duration"]
+        if reason is None and fire.policy["attempts"] and late:
+            return f"gave up: max_duration of {fire.policy['max_duration']:g} s reached"
+        if reason is not None:
+            return reason
+        outcome = self._attempt(fire)
+        fire.tries.append(outcome)
+        delay, reason = retry_plan(fire.policy, len(fire.tries), outcome,
+                                   self._clock.now() - fire.scheduled, self._rng)
+        if delay is None:
+            return reason
+        with self._lock:
+            if self._stopping:
+                return "stopped: the service shut down before the next try"
+            reason = self._stopped(fire)
+            if reason is None:
+                outcome["delay"] = round(delay, 3)
+                heapq.heappush(self._heap, (self._clock.now() + delay, next(self._seq), fire))
+                self._waiting += 1
+                self._wake.set()
+                return _RETRYING
+        return reason
 
     def _finish(self, fire: Fire, reason: str | None) -> None:
         with self._lock:
@@ -1929,9 +2054,11 @@ class Service:
     def _view(self, task: Task) -> dict:
         zone = load_zone(task.time_zone)
         view = task.public()
-        for key, (next_at, last_at) in self._scheduler.dates(task.identity).items():
-            view["entries"][key]["next_date"] = rfc3339(next_at, zone)
-            view["entries"][key]["last_date"] = rfc3339(last_at, zone)
+        dates = self._scheduler.dates(task.identity)  # a put in between may change the keys
+        for key, entry in view["entries"].items():
+            next_at, last_at = dates.get(key, (None, None))
+            entry["next_date"] = rfc3339(next_at, zone)
+            entry["last_date"] = rfc3339(last_at, zone)
         return view
 
     def put(self, request: dict) -> None:
@@ -2071,12 +2198,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    _body_read = True  # send_error() may answer before _dispatch() ran
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
         # The base class answers malformed requests with HTML; ours are JSON like the rest.
         self.close_connection = True
         self._reply(code, {"error": 1, "msg": message or self.responses.get(code, ("",))[0]})
 
     def _reply(self, status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()):
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
+            # Answered without reading the body: the connection cannot serve another request.
+            self.close_connection = True
         body = json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -2115,6 +2247,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._fail(413, f"request body is over {limit} bytes")
             return None
         raw = self.rfile.read(length) if length else b""
+        self._body_read = True
         if len(raw) < length:  # the client hung up mid-body
             self.close_connection = True
             return None
@@ -2142,6 +2275,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return request
 
     def _dispatch(self) -> None:
+        self._body_read = False
         path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
         name = path[1:]
         if path == "/health":
@@ -2183,10 +2317,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         {"error": 0, "data": data})
 
     do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class _Server(http.server.ThreadingHTTPServer):
