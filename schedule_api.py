@@ -12,7 +12,7 @@ Run it::
     python schedule_api.py [--config config.ini] [--host H] [--port P] [--data DIR]
 
 Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
-``{"error": 1, "msg": "..."}``):
+``{"error": 1, "msg": "..."}``), the original's eight:
 
     /put      create or replace a task and its entries
     /get      one task, with next_date and last_date of each entry
@@ -23,7 +23,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
     /search   search the logs (put, delete, running, success, error)
     /clear    delete the logs of one task
 
-and ``GET /health`` for load balancers and Docker's HEALTHCHECK.
+and ours: /retry (send a failed fire again), /preview (the next fires of a cron_time), and
+``GET /health`` for load balancers and Docker's HEALTHCHECK.
 """
 
 from __future__ import annotations
@@ -585,9 +586,11 @@ class Task:
                 "entries": {key: entry.public() for key, entry in self.entries.items()}}
 
     def document(self, last: dict[str, float] | None = None) -> dict:
-        """Return what a store keeps: the public task, @every anchors and last fire times."""
+        """Return what a store keeps: the public task, when each entry was put ("anchors":
+        @every counts from it, and it tells an entry's fires from a replaced one's) and the
+        last fire times."""
         doc = self.public()
-        doc["anchors"] = {k: e.anchor for k, e in self.entries.items() if e.anchor}
+        doc["anchors"] = {k: e.anchor for k, e in self.entries.items()}
         doc["last"] = dict(last or {})
         return doc
 
@@ -672,7 +675,7 @@ def _headers(value: Any, field: str) -> dict | None:
         raise ValidationError(field, f"must have at most {MAX_HEADERS} headers")
     for name, text in value.items():
         if not HEADER_NAME.fullmatch(name):
-            raise ValidationError(f"{field}.{name}", "is not a valid header name")
+            raise ValidationError(field, f"{name!r} is not a valid header name")
         if name.lower() in FORBIDDEN_HEADERS:
             raise ValidationError(f"{field}.{name}", "is set by the service and cannot be given")
         if not isinstance(text, str):
@@ -798,7 +801,7 @@ def make_log(kind: str, identity: str, **fields: Any) -> dict:
 
 
 def _public_log(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("_id", "_ts")}
+    return {k: v for k, v in record.items() if k not in ("_id", "_ts", "_since")}
 
 
 # Stores #####################################################################################
@@ -815,14 +818,30 @@ def _public_log(record: dict) -> dict:
 #   health()                {"store": kind, "ok": bool, ...}
 #   close()
 
-def _fire_times(records: Iterable[dict]) -> dict[tuple[str, str], float]:
-    """Return the latest scheduled instant per (identity, key) among fire logs."""
-    latest: dict[tuple[str, str], float] = {}
+def _fire_times(records: Iterable[dict]) -> dict[tuple[str, str, str], float]:
+    """Return the latest scheduled instant per (identity, key, since) among fire logs.
+
+    ``since`` (the record's "_since": when its entry was put) tells the fires of an entry
+    from those of an earlier entry of the same key whose logs were still on their way when
+    it was replaced: a store keeps last fires per since, and answers the current entry's.
+    """
+    latest: dict[tuple[str, str, str], float] = {}
     for record in records:
-        if record["type"] in ("success", "error") and "scheduled" in record:
-            slot = (record["identity"], record["key"])
+        if record["type"] in ("success", "error") and record.get("_since") is not None:
+            slot = (record["identity"], record["key"], _since(record["_since"]))
             latest[slot] = max(latest.get(slot, 0.0), record["scheduled"])
     return latest
+
+
+def _since(anchor: float) -> str:
+    return repr(float(anchor))
+
+
+def _current_last(doc: dict, last: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Return {key: last fire} of a task document from the stored {key: {since: at}}."""
+    anchors = doc.get("anchors") or {}
+    return {key: by_since[_since(anchors[key])] for key, by_since in last.items()
+            if key in anchors and _since(anchors[key]) in by_since}
 
 
 def search_reply(result: dict, index: str) -> dict:
@@ -840,8 +859,8 @@ class SQLiteStore:
     kind = "sqlite"
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS tasks (identity TEXT PRIMARY KEY, doc TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS last_fire (identity TEXT, key TEXT, at REAL,
-                                              PRIMARY KEY (identity, key));
+        CREATE TABLE IF NOT EXISTS last_fire (identity TEXT, key TEXT, since TEXT, at REAL,
+                                              PRIMARY KEY (identity, key, since));
         CREATE TABLE IF NOT EXISTS logs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL,
             type TEXT NOT NULL, identity TEXT NOT NULL, key TEXT, scheduled REAL,
             time INTEGER NOT NULL, ts REAL NOT NULL, doc TEXT NOT NULL);
@@ -899,8 +918,9 @@ class SQLiteStore:
                        (identity, text))
             # The document's last fires replace the stored ones: a changed entry has none.
             db.execute("DELETE FROM last_fire WHERE identity = ?", (identity,))
-            db.executemany("INSERT INTO last_fire (identity, key, at) VALUES (?, ?, ?)",
-                           [(identity, key, at) for key, at in (doc.get("last") or {}).items()])
+            db.executemany("INSERT INTO last_fire (identity, key, since, at) VALUES (?, ?, ?, ?)",
+                           [(identity, key, _since(doc["anchors"][key]), at)
+                            for key, at in (doc.get("last") or {}).items()])
         self._writing(work)
 
     def delete_task(self, identity: str) -> None:
@@ -911,8 +931,9 @@ class SQLiteStore:
 
     def load_tasks(self) -> Iterator[dict]:
         last: dict[str, dict[str, float]] = {}
-        for identity, key, at in self._reading("SELECT identity, key, at FROM last_fire"):
-            last.setdefault(identity, {})[key] = at
+        for identity, key, since, at in self._reading(
+                "SELECT identity, key, since, at FROM last_fire"):
+            last.setdefault(identity, {}).setdefault(key, {})[since] = at
         # Streamed, so 100,000 documents never sit in memory at once, on a connection of its
         # own, so /health (which reads) answers meanwhile.
         try:
@@ -920,7 +941,7 @@ class SQLiteStore:
             try:
                 for identity, text in db.execute("SELECT identity, doc FROM tasks"):
                     doc = json.loads(text)
-                    doc["last"] = last.get(identity, {})
+                    doc["last"] = _current_last(doc, last.get(identity, {}))
                     yield doc
             finally:
                 db.close()
@@ -930,14 +951,14 @@ class SQLiteStore:
     def append_logs(self, records: list[dict]) -> None:
         rows = [(r["_id"], r["type"], r["identity"], r.get("key"), r.get("scheduled"),
                  r["time"], r["_ts"], json.dumps(_public_log(r))) for r in records]
-        fires = [(i, k, at) for (i, k), at in _fire_times(records).items()]
+        fires = [(i, k, since, at) for (i, k, since), at in _fire_times(records).items()]
 
         def work(db):
             db.executemany("INSERT OR REPLACE INTO logs (id, type, identity, key, scheduled, "
                            "time, ts, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO last_fire (identity, key, at) SELECT ?, ?, ? WHERE "
-                           "EXISTS (SELECT 1 FROM tasks WHERE identity = ?1) "
-                           "ON CONFLICT (identity, key) DO UPDATE SET at = max(at, excluded.at)",
+            db.executemany("INSERT INTO last_fire (identity, key, since, at) SELECT ?, ?, ?, ? "
+                           "WHERE EXISTS (SELECT 1 FROM tasks WHERE identity = ?1) ON CONFLICT "
+                           "(identity, key, since) DO UPDATE SET at = max(at, excluded.at)",
                            fires)
         self._writing(work)
 
@@ -1093,9 +1114,10 @@ class ElasticsearchStore:
     def save_task(self, doc: dict) -> None:
         self._ensure()
         task = {k: v for k, v in doc.items() if k != "last"}
+        last = {key: {_since(doc["anchors"][key]): at}
+                for key, at in (doc.get("last") or {}).items()}
         self._call("index", index=self.tasks_index, id=doc["identity"],
-                   document={"identity": doc["identity"], "task": task,
-                             "last": doc.get("last") or {}})
+                   document={"identity": doc["identity"], "task": task, "last": last})
 
     def delete_task(self, identity: str) -> None:
         self._ensure()
@@ -1116,7 +1138,7 @@ class ElasticsearchStore:
             hits = page["hits"]["hits"]
             for hit in hits:
                 doc = hit["_source"]["task"]
-                doc["last"] = hit["_source"].get("last") or {}
+                doc["last"] = _current_last(doc, hit["_source"].get("last") or {})
                 yield doc
             if len(hits) < 1000:
                 return
@@ -1128,9 +1150,9 @@ class ElasticsearchStore:
         for record in records:
             lines.append({"index": {"_index": self.index, "_id": record["_id"]}})
             lines.append({**_public_log(record), "@timestamp": int(record["_ts"] * 1000)})
-        for (identity, key), at in _fire_times(records).items():
+        for (identity, key, since), at in _fire_times(records).items():
             lines.append({"update": {"_index": self.tasks_index, "_id": identity}})
-            lines.append({"doc": {"last": {key: at}}})
+            lines.append({"doc": {"last": {key: {since: at}}}})
         reply = self._call("bulk", body=lines)
         self._dirty.set()
         if not reply.get("errors"):
@@ -1671,8 +1693,9 @@ class Scheduler:
     backoff, so a waiting retry holds no thread. The timer thread only pops due items,
     computes next instants and hands fires over: it never does I/O. Fires missed while a
     task was paused or the service stopped are not replayed; fires due while the workers are
-    busy are late, never dropped (a fire more than LATE_REPLAY_LIMIT seconds behind, as after
-    a suspended host, is skipped with a warning).
+    busy are late, never dropped. After a jump of more than LATE_REPLAY_LIMIT seconds (a
+    suspended host), an entry fires once, late, and its fires missed in between are skipped
+    with a warning.
     """
 
     def __init__(self, attempt: Callable[[Fire], dict],
@@ -2041,6 +2064,7 @@ class Service:
     def _record(self, fire: Fire, reason: str | None) -> None:
         record = fire_log(fire.identity, fire.key, fire.entry, fire.scheduled, fire.tries,
                           reason)
+        record["_since"] = fire.entry.anchor
         log.debug("fired %s/%s: %s after %d tries", fire.identity, fire.key, record["type"],
                   len(fire.tries))
         self._writer.write(record)

@@ -78,7 +78,7 @@ class Receiver:
     """A real webhook receiver on 127.0.0.1 that records what arrives.
 
     Paths choose the answer: /slow sleeps 2 s, /hang 3 s; /close hangs up without an
-    answer; /status/<code> answers that code; /retry-after/<code>/<value> answers the code
+    answer; /nested and /nan answer JSON that Python's parser chokes on or reads as NaN; /status/<code> answers that code; /retry-after/<code>/<value> answers the code
     with that Retry-After; /flaky/<n> answers 503 to the first n tries of each fire, then
     200; anything else 200 with {"ok": true}.
     """
@@ -110,6 +110,10 @@ class Receiver:
                 elif match := re.match(r"/flaky/(\d+)", self.path):
                     status = 503 if tries <= int(match.group(1)) else 200
                 reply = b'{"ok": true}' if status == 200 else b"nope"
+                if self.path == "/nested":
+                    reply = b"[" * 100_000 + b"]" * 100_000
+                elif self.path == "/nan":
+                    reply = b'{"x": NaN}'
                 self.send_response(status)
                 for name, value in extra:
                     self.send_header(name, value)
@@ -272,6 +276,9 @@ def test_config_file_then_environment_then_flags(tmp_path):
     ("[webhook]\ntimeout = -1\n", "[webhook] timeout"),
     ("[elasticsearch]\nverify_certs = maybe\n", "[elasticsearch] verify_certs"),
     ("[server]\nport = 70000\n", "[server] port"),
+    ("[storage]\nflush_interval = 0\n", "[storage] flush_interval"),
+    ("[server]\nrequest_timeout = 0\n", "[server] request_timeout"),
+    ("[server]\nlog_level = LOUD\n", "[server] log_level"),
 ])
 def test_config_rejects_bad_value_naming_the_option(tmp_path, text, named):
     ini = tmp_path / "config.ini"
@@ -361,6 +368,10 @@ def test_schedule_descriptors(descriptor, expected):
     ("CRON_TZ=Mars/Olympus 0 * * * * *", "unknown time zone 'Mars/Olympus'"),
     ("TZ=../etc 0 * * * * *", "unknown time zone"),
     ("0 0 0 30 2 *", "matches no date"),
+    ("\u0661 * * * * *", "is not a number"),  # an Arabic-Indic digit
+    ("*/\u00b2 * * * * *", "step"),
+    ("@every 99999999999999999999999h", "is longer than"),
+    ("@every 1000000h", "is longer than"),
     (5, "must be a string"),
 ])
 def test_schedule_rejects_with_a_message(cron, problem):
@@ -375,6 +386,14 @@ def test_spring_forward_fixed_time_in_the_gap_fires_once_right_after_it():
     # A fixed-time schedule with several runs in the gap still runs once for the gap.
     got = fires("0 */20 2 * * *", NY, "2024-03-10T00:00:00", 2)
     assert got == ["2024-03-10T03:00:00-04:00", "2024-03-11T02:00:00-04:00"]
+
+
+def test_spring_forward_every_hour_schedules_skip_the_missing_walls():
+    # Vixie cron: wildcard-hour jobs run at the new time as usual, never for skipped walls.
+    assert fires("0 30 * * * *", NY, "2024-03-10T01:00:00", 3) == [
+        "2024-03-10T01:30:00-05:00", "2024-03-10T03:30:00-04:00", "2024-03-10T04:30:00-04:00"]
+    assert fires("0 15,45 * * * *", NY, "2024-03-10T01:50:00", 2) == [
+        "2024-03-10T03:15:00-04:00", "2024-03-10T03:45:00-04:00"]
 
 
 def test_spring_forward_hourly_and_intervals_keep_real_spacing():
@@ -481,10 +500,13 @@ GOOD = {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:9/"}
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X": "a\r\nB: c"}}}},
      "entries.a.headers.X"),
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"Bad Name": "v"}}}},
-     "entries.a.headers.Bad Name"),
+     "entries.a.headers"),
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"Content-Length": "9"}}}},
      "entries.a.headers.Content-Length"),
     ({"identity": "t", "entries": {"a": {**GOOD, "retries": 3}}}, "entries.a.retries"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X\n": "v"}}}}, "entries.a.headers"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X": "\u20ac"}}}},
+     "entries.a.headers.X"),
 ])
 def test_put_rejects_bad_fields_by_name_and_changes_nothing(sqlite_app, request_, field):
     status, reply = post(sqlite_app.url, "/put", request_)
@@ -711,6 +733,7 @@ def test_search_filters_exactly_and_pages_newest_first(app):
     ({"type": "fire"}, "type"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
     ({"limit": "20"}, "limit"), ({"skip": -1}, "skip"), ({"skip": 9950, "limit": 100}, "skip"),
     ({"time": 5}, "time"), ({"time": {"gte": "x"}}, "time.gte"), ({"identity": 7}, "identity"),
+    ({"time": {"lte": 10 ** 400}}, "time.lte"), ({"scheduled": 10 ** 400}, "scheduled"),
 ])
 def test_search_rejects_bad_queries(sqlite_app, query, field):
     reply = post(sqlite_app.url, "/search", query)[1]
@@ -1414,6 +1437,8 @@ def test_preview_flags_what_daylight_saving_did(app):
         ("2024-03-10T03:00:00-04:00", "moved"), ("2024-03-11T02:30:00-04:00", None)]
     assert preview(app, "0 */20 2 * * *", NY, "2024-03-10T00:00:00", 2) == [
         ("2024-03-10T03:00:00-04:00", "merged"), ("2024-03-11T02:00:00-04:00", None)]
+    assert preview(app, "0 0 2,3 * * *", NY, "2024-03-10T00:00:00", 2) == [
+        ("2024-03-10T03:00:00-04:00", "merged"), ("2024-03-11T02:00:00-04:00", None)]
     assert preview(app, "0 30 1 * * *", NY, "2024-11-02T12:00:00", 2) == [
         ("2024-11-03T01:30:00-04:00", "merged"), ("2024-11-04T01:30:00-05:00", None)]
     assert preview(app, "0 0 * * * *", NY, "2024-11-03T00:30:00", 3) == [
@@ -1433,6 +1458,7 @@ def test_preview_flags_what_daylight_saving_did(app):
     ({"cron_time": "@hourly", "count": 101}, "count"),
     ({"cron_time": "@hourly", "time_zone": "Nowhere"}, "time_zone"),
     ({"cron_time": "@hourly", "after": "now"}, "after"), ({}, "cron_time"),
+    ({"cron_time": "@hourly", "after": 10 ** 400}, "after"),
 ])
 def test_preview_rejects_bad_fields(sqlite_app, request_, field):
     reply = post(sqlite_app.url, "/preview", request_)[1]
@@ -1447,6 +1473,7 @@ def test_preview_rejects_bad_fields(sqlite_app, request_, field):
     ({"retry": {"backoff": 0}}, "entries.index.retry.backoff"),
     ({"retry": {"max_backoff": "1m"}}, "entries.index.retry.max_backoff"),
     ({"retry": {"max_duration": -1}}, "entries.index.retry.max_duration"),
+    ({"retry": {"max_duration": 10 ** 400}}, "entries.index.retry.max_duration"),
     ({"retry": {"tries": 2}}, "entries.index.retry.tries"),
     ({"overlap": "sometimes"}, "entries.index.overlap"),
 ])
@@ -1487,3 +1514,86 @@ def test_waits_for_an_unreachable_cluster_answering_health_meanwhile(tmp_path):
         if svc.proc.poll() is None:
             svc.proc.kill()
     assert "Traceback" not in svc.log.read_text()
+
+
+def test_keep_alive_survives_answers_that_leave_the_body_unread(sqlite_app):
+    conn = http.client.HTTPConnection("127.0.0.1", sqlite_app.server.server_address[1])
+    for path in ("/nope", "/get"):
+        method = "GET" if path == "/get" else "POST"
+        conn.request(method, path, body=b'{"identity": "x"}')
+        reply = conn.getresponse()
+        assert reply.status in (404, 405) and reply.getheader("Connection") == "close"
+        reply.read()
+        conn.request("POST", "/all", body=b"{}")  # http.client reconnects after a close
+        again = conn.getresponse()
+        assert again.status == 200 and json.loads(again.read()) == {"error": 0, "data": []}
+    conn.close()
+
+
+@pytest.mark.parametrize("path, response", [
+    ("/nested", str), ("/nan", str),
+])
+def test_replies_python_cannot_parse_are_logged_as_text(sqlite_apps, receiver, path,
+                                                        response):
+    app, clock = fake_app(sqlite_apps, max_response_bytes=1 << 20)
+    ok(app.url, "/put", hourly(receiver, path))
+    logs = run_fire(app, clock, 1)
+    assert logs[0]["type"] == "success" and isinstance(logs[0]["response"], response)
+    assert app.service.health()["fires_running"] == 0
+
+
+def test_unreadable_retry_after_falls_back_to_backoff(sqlite_apps, receiver):
+    app, clock = fake_app(sqlite_apps)
+    path = "/retry-after/503/%C2%B2"  # "²": a digit to str.isdigit(), not to float()
+    ok(app.url, "/put", hourly(receiver, path, retry={"attempts": 1, "backoff": 1}))
+    logs = run_fire(app, clock, 1)
+    assert logs[0]["attempts"] == 2 and 0 <= logs[0]["tries"][0]["delay"] <= 1
+
+
+def test_shutdown_logs_fires_whose_retry_was_waiting(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/status/500", retry={"attempts": 5, "backoff": 60,
+                                                               "max_backoff": 60}))
+    clock.advance(1)
+    wait_until(lambda: app.service.health()["retries_waiting"] == 1, message="a retry")
+    index = app.config.es_default_index
+    apps.stop(app)
+    app = apps.start(index=index)
+    logs = fire_logs(app)
+    assert len(logs) == 1 and logs[0]["attempts"] == 1
+    assert logs[0]["message"][-1] == "stopped: the service shut down before the next try"
+
+
+def test_log_writer_survives_a_failing_store_and_disk(tmp_path):
+    store = sa.SQLiteStore(str(tmp_path / "data"))
+    spool = tmp_path / "spool"
+    writer = sa.LogWriter(store, str(spool), interval=0.05)
+    store.close()  # every write now fails: records go to the spool...
+    spool.rmdir()
+    spool.write_text("not a folder")  # ...which fails too
+    for i in range(3):
+        writer.write(sa.make_log("success", "t", key="k", scheduled=float(i)))
+    wait_until(lambda: writer.backlog() == 3 and not writer._thread.is_alive() is False,
+               message="a failed attempt")
+    time.sleep(0.3)
+    assert writer._thread.is_alive() and writer.backlog() == 3  # kept, not lost
+    spool.unlink()
+    spool.mkdir()
+    wait_until(lambda: writer.spooled_files(), timeout=5, message="the records spooled")
+    writer.close(5)
+    lines = [json.loads(line) for name in writer.spooled_files()
+             for line in (spool / name).read_text().splitlines()]
+    assert sorted(r["scheduled"] for r in lines) == [0.0, 1.0, 2.0]
+
+
+def test_changed_entry_forgets_its_last_date_across_a_restart(apps, receiver):
+    app = apps.start()
+    ok(app.url, "/put", task(url=receiver.url + "/c", cron="* * * * * *"))
+    wait_until(lambda: ok(app.url, "/get", {"identity": "test"})["entries"]["index"][
+        "last_date"] != sa.ZERO_DATE, message="a last_date")
+    ok(app.url, "/put", task(url=receiver.url + "/c", cron="0 0 0 1 1 *"))
+    index = app.config.es_default_index
+    apps.stop(app)
+    app = apps.start(index=index)
+    entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
+    assert entry["cron_time"] == "0 0 0 1 1 *" and entry["last_date"] == sa.ZERO_DATE
