@@ -7,6 +7,8 @@
     python bench/bench.py --part all     [--workers N] [--profile /tmp/svc.prof]
 
 fires    N entries firing every second ("* * * * * *", UTC) at a receiver in its own process.
+         --fail-ratio R makes the receiver answer 503 to that share of the tries, and
+         --retry JSON gives the entries a retry policy; lateness then counts first tries.
          Fires scheduled in a window (--warmup s after the puts until --tail s before the
          stop) count: due, delivered, missed, duplicates (by X-Schedule-Fire-Id), lateness
          (receiver's accept time - X-Schedule-Time), CPU of the service and of the receiver.
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,9 +140,9 @@ def start_service(opts, tmp: str, timeout: float = 120.0):
     while time.monotonic() - started < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}")
-        try:  # the port listens while the tasks load, but answers only after
-            get_health(port, timeout=5)
-            return proc, port, time.monotonic() - started
+        try:  # /health answers at once; "ready" once the stored tasks are loaded
+            if get_health(port, timeout=5).get("ready", True):
+                return proc, port, time.monotonic() - started
         except (OSError, http.client.HTTPException, ValueError):
             time.sleep(0.05)
     raise RuntimeError(f"service did not answer /health within {timeout} s")
@@ -158,8 +161,11 @@ def service_log(tmp: str, lines: int = 30) -> tuple[int, str]:
 
 # The receiver and the profiled service (subprocesses running this script) ###################
 
-def receiver_main(limit: int = 5_000_000, lifetime: float = 6 * 3600) -> None:
+def receiver_main(fail_ratio: float = 0.0, limit: int = 5_000_000,
+                  lifetime: float = 6 * 3600) -> None:
     """One thread, non-blocking sockets: stamp a connection at accept, answer 200, close.
+    With ``fail_ratio``, that share of the tries (chosen by a hash of fire id and attempt
+    number, so the same on every run) is answered 503 instead.
     A ThreadingHTTPServer here used ~36% of a core at 1,000 fires/s (this: ~8%); its accepts
     wait for the GIL, and in one run each it added ~70 ms to p50 and ~150 ms to p99 lateness."""
     sel = selectors.DefaultSelector()
@@ -195,13 +201,20 @@ def receiver_main(limit: int = 5_000_000, lifetime: float = 6 * 3600) -> None:
             sel.unregister(sock)
             del pending[sock]
             body = json.dumps(records).encode() if head.startswith(b"GET") else b""
+            status = b"200 OK"
             if done and not body and len(records) < limit:
                 found = [re.search(rb"(?im)^%s:\s*(\S+)" % name, head)
-                         for name in (b"x-schedule-time", b"x-schedule-fire-id")]
-                records.append([arrival, *(m and m.group(1).decode() for m in found)])
+                         for name in (b"x-schedule-time", b"x-schedule-fire-id",
+                                      b"x-schedule-attempt")]
+                when, fid, attempt = (m and m.group(1).decode() for m in found)
+                if fail_ratio and zlib.crc32(f"{fid}/{attempt}".encode()) % 1000 < \
+                        fail_ratio * 1000:
+                    status = b"503 Service Unavailable"
+                records.append([arrival, when, fid, int(attempt or 1), status[:3].decode()])
             sock.setblocking(True)
             try:
-                sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                sock.sendall(b"HTTP/1.0 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+                             + body)
             except OSError:
                 pass
             sock.close()
@@ -232,7 +245,8 @@ def serve_profiled(out: str, args: list[str]) -> int:
 # Part 1: fires ##############################################################################
 
 def part_fires(opts, tmp: str) -> dict:
-    recv = spawn([sys.executable, os.path.abspath(__file__), "--_receiver"],
+    recv = spawn([sys.executable, os.path.abspath(__file__), "--_receiver",
+                  str(opts.fail_ratio)],
                  os.path.join(tmp, "receiver.log"), stdout=subprocess.PIPE)
     if not select.select([recv.stdout], [], [], 10)[0]:
         raise RuntimeError("the receiver did not start")
@@ -242,6 +256,8 @@ def part_fires(opts, tmp: str) -> dict:
     put_started = time.monotonic()
     for first in range(0, opts.entries, opts.per_task):
         entry = {"cron_time": "* * * * * *", "url": f"http://127.0.0.1:{recv_port}/hook"}
+        if opts.retry:
+            entry["retry"] = json.loads(opts.retry)
         keys = range(first, min(first + opts.per_task, opts.entries))
         status, reply = call(conn, "POST", "/put", {
             "identity": f"fires-{first // opts.per_task}", "time_zone": "UTC", "start": True,
@@ -262,17 +278,25 @@ def part_fires(opts, tmp: str) -> dict:
     stop(svc)
     stop(recv)
     parsed: dict[str, float] = {}
-    late_by_id: dict[str, float] = {}  # fire id -> lateness (ms) of its first arrival
-    duplicates = outside = 0
-    for arrival, sched_text, fid in records:
+    late_by_id: dict[str, float] = {}  # fire id -> lateness (ms) of its first try
+    tries_seen: set = set()  # (fire id, attempt)
+    duplicates = outside = retries = failed = 0
+    latest_try = 0.0  # seconds from a fire's instant to its last try's arrival
+    for arrival, sched_text, fid, attempt, status in records:
         if sched_text not in parsed:
             parsed[sched_text] = datetime.fromisoformat(sched_text).timestamp()
         if not win_start <= parsed[sched_text] < win_end:
             outside += 1
-        elif fid in late_by_id:
+            continue
+        failed += status != "200"
+        latest_try = max(latest_try, arrival - parsed[sched_text])
+        if (fid, attempt) in tries_seen:
             duplicates += 1
+        elif attempt > 1:
+            retries += 1
         else:
             late_by_id[fid] = (arrival - parsed[sched_text]) * 1000
+        tries_seen.add((fid, attempt))
     late, due = list(late_by_id.values()), opts.entries * (win_end - win_start)
     wall = cpu[1][2] - cpu[0][2]
     result = {"entries": opts.entries, "per_task": opts.per_task, "window_s": win_end - win_start,
@@ -283,7 +307,9 @@ def part_fires(opts, tmp: str) -> dict:
               "late_over_1s": sum(v > 1000 for v in late),
               "service_cpu_pct": round(100 * (cpu[1][0] - cpu[0][0]) / wall, 1),
               "receiver_cpu_pct": round(100 * (cpu[1][1] - cpu[0][1]) / wall, 1),
-              "log_backlog_at_end": backlog}
+              "log_backlog_at_end": backlog, "fail_ratio": opts.fail_ratio,
+              "answered_503": failed, "retries": retries,
+              "latest_try_s": round(latest_try, 2)}
     limit = TARGETS["fires_p99_ms"]
     return {**result, "target": f"1,000 fires/s: none missed, p99 <= {limit:g} ms",
             "pass": result["missed"] == 0 and result["late_p99_ms"] <= limit,
@@ -419,7 +445,9 @@ REPORT = {
              "(received {received}, {outside_window} outside the window)\n"
              "  lateness ms: p50 {late_p50_ms}  p99 {late_p99_ms}  max {late_max_ms}  "
              "(over 1 s: {late_over_1s})\n  CPU % of one core: service {service_cpu_pct}  "
-             "receiver {receiver_cpu_pct}; log backlog at the end {log_backlog_at_end}",
+             "receiver {receiver_cpu_pct}; log backlog at the end {log_backlog_at_end}\n"
+             "  tries answered 503 {answered_503} (fail ratio {fail_ratio}), retries {retries}; "
+             "latest try {latest_try_s} s after its fire's instant",
     "startup": "startup: {tasks} tasks, {distinct} distinct cron expressions; store written "
                "in {store_write_s} s\n  /health answered after {start_s} s with {tasks_loaded} "
                "tasks (CPU {start_cpu_s} s); RSS {rss_mb} MB (peak {peak_rss_mb} MB), "
@@ -434,7 +462,7 @@ REPORT = {
 
 def main() -> int:
     if sys.argv[1:2] == ["--_receiver"]:
-        receiver_main()
+        receiver_main(float(sys.argv[2]))
         return 0
     if sys.argv[1:2] == ["--_profiled"]:
         return serve_profiled(sys.argv[2], sys.argv[4:])
@@ -443,6 +471,9 @@ def main() -> int:
     add("--part", choices=("fires", "startup", "http", "all"), default="all")
     add("--entries", type=int, default=1000, help="fires: entries (default 1000)")
     add("--per-task", type=int, default=10, help="fires: entries per task (default 10)")
+    add("--fail-ratio", type=float, default=0.0, help="fires: share of tries the receiver "
+        "answers 503 (default 0)")
+    add("--retry", help='fires: the entries\' retry, JSON, e.g. \'{"attempts": 3}\'')
     add("--seconds", type=float, default=60, help="fires: run time after the puts (default 60)")
     add("--warmup", type=float, default=5, help="fires: seconds not counted at the start")
     add("--tail", type=float, default=5, help="fires: seconds not counted at the end")
