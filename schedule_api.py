@@ -180,6 +180,7 @@ class Config:
     es_timeout: float = 10.0
     spool_max_bytes: int = 256 << 20
     flush_interval: float = 0.5
+    log_retention_days: float = 0.0
     log_level: str = "INFO"
 
 
@@ -195,6 +196,7 @@ CONFIG_KEYS = {
     ("storage", "path"): "data",
     ("storage", "spool_max_bytes"): "spool_max_bytes",
     ("storage", "flush_interval"): "flush_interval",
+    ("storage", "log_retention_days"): "log_retention_days",
     ("webhook", "timeout"): "webhook_timeout",
     ("webhook", "workers"): "workers",
     ("webhook", "max_response_bytes"): "max_response_bytes",
@@ -815,6 +817,7 @@ def _public_log(record: dict) -> dict:
 #   append_logs(records)    idempotent: a record's "_id" written twice is stored once
 #   search(query)           validate_search()'s query -> {"total": n, "records": [...]}
 #   clear(identity)         delete that identity's logs, return how many
+#   prune(before)           delete the logs older than UNIX time ``before``, return how many
 #   health()                {"store": kind, "ok": bool, ...}
 #   close()
 
@@ -983,6 +986,16 @@ class SQLiteStore:
     def clear(self, identity: str) -> int:
         return self._writing(lambda db: db.execute(
             "DELETE FROM logs WHERE identity = ?", (identity,)).rowcount)
+
+    def prune(self, before: float) -> int:
+        deleted = 0
+        while True:  # in slices, so that writers never wait long for the lock
+            count = self._writing(lambda db: db.execute(
+                "DELETE FROM logs WHERE seq IN (SELECT seq FROM logs WHERE time < ? LIMIT 5000)",
+                (before,)).rowcount)
+            deleted += count
+            if count < 5000:
+                return deleted
 
     def health(self) -> dict:
         try:
@@ -1200,13 +1213,18 @@ class ElasticsearchStore:
             self._dirty.clear()
             self._call("indices.refresh", index=self.index)
 
-    def clear(self, identity: str) -> int:
+    def _delete_logs(self, query: dict) -> int:
         self._ensure()
-        self._refresh_if_written()
+        self._refresh_if_written()  # what was written before the call is deleted too
         reply = self._call("delete_by_query", index=self.index, refresh=True,
-                           conflicts="proceed",
-                           body={"query": {"term": {self._fields["identity"]: identity}}})
+                           conflicts="proceed", body={"query": query})
         return reply.get("deleted", 0)
+
+    def clear(self, identity: str) -> int:
+        return self._delete_logs({"term": {self._fields["identity"]: identity}})
+
+    def prune(self, before: float) -> int:
+        return self._delete_logs({"range": {"time": {"lt": before}}})
 
     def health(self) -> dict:
         state = {"store": self.kind, "hosts": self._hosts, "index": self.index}
@@ -1238,8 +1256,9 @@ class LogWriter:
     """
 
     def __init__(self, store, spool_dir: str, interval: float = 0.5, max_batch: int = 2000,
-                 spool_max_bytes: int = 256 << 20):
+                 spool_max_bytes: int = 256 << 20, retention: float = 0.0):
         self._store = store
+        self._retention = retention  # seconds logs are kept; 0: for ever
         self._spool_dir = spool_dir
         self._interval = interval
         self._max_batch = max_batch
@@ -1338,7 +1357,17 @@ class LogWriter:
             self.dropped += len(batch)
             log.error("cannot spool %d log records, dropped: %s", len(batch), exc)
 
+    def prune(self) -> int:
+        """Delete the logs older than the retention; return how many (0 when it is off)."""
+        if not self._retention:
+            return 0
+        deleted = self._store.prune(time.time() - self._retention)
+        if deleted:
+            log.info("deleted %d logs older than %g days", deleted, self._retention / 86400)
+        return deleted
+
     def _ship_loop(self) -> None:
+        prune_at = time.monotonic() + 60.0  # then hourly
         while not self._stop_shipping.wait(1.0):
             try:
                 if self.spooled_files():
@@ -1346,6 +1375,12 @@ class LogWriter:
             except (OSError, ValueError) as exc:  # a disk error, a damaged spool file
                 log.error("cannot ship the log spool: %s", exc)
                 self._set_aside_damaged()
+            if time.monotonic() >= prune_at:
+                prune_at = time.monotonic() + 3600.0
+                try:
+                    self.prune()
+                except StoreError as exc:
+                    log.warning("cannot delete old logs now: %s", exc)
 
     def _set_aside_damaged(self) -> None:
         """Rename spool files that are not JSON lines to *.bad, so they block nothing."""
@@ -2380,7 +2415,8 @@ class App:
         self.store = open_store(config)
         self.writer = LogWriter(self.store, os.path.join(config.data, "spool"),
                                 interval=config.flush_interval,
-                                spool_max_bytes=config.spool_max_bytes)
+                                spool_max_bytes=config.spool_max_bytes,
+                                retention=config.log_retention_days * 86400)
         self.service = Service(config, self.store, self.writer, clock)
         self.server = make_server(config, self.service)
         self._thread: threading.Thread | None = None

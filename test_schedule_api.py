@@ -1597,3 +1597,21 @@ def test_changed_entry_forgets_its_last_date_across_a_restart(apps, receiver):
     app = apps.start(index=index)
     entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
     assert entry["cron_time"] == "0 0 0 1 1 *" and entry["last_date"] == sa.ZERO_DATE
+
+
+def test_retention_deletes_only_logs_older_than_it(apps):
+    app = apps.start(log_retention_days=1)
+    old = sa.make_log("success", "t", key="k", scheduled=1000.0)
+    old["time"], old["_ts"] = int(time.time()) - 2 * 86400, time.time() - 2 * 86400
+    app.writer.write_now(old)
+    app.writer.write_now(sa.make_log("put", "t", body={}))
+    assert ok(app.url, "/search", {})["hits"]["total"]["value"] == 2
+    assert app.writer.prune() == 1
+    hits = ok(app.url, "/search", {})["hits"]
+    assert hits["total"]["value"] == 1 and hits["hits"][0]["_source"]["type"] == "put"
+
+
+def test_retention_is_off_by_default(app):
+    app.writer.write_now(sa.make_log("put", "t", body={}) | {"time": 0, "_ts": 0.0})
+    assert app.writer.prune() == 0
+    assert ok(app.url, "/search", {})["hits"]["total"]["value"] == 1
