@@ -1661,6 +1661,7 @@ class Fire:
         "identity",
         "key",
         "policy",
+        "queued",
         "scheduled",
         "slot",
         "stop",
@@ -1677,6 +1678,7 @@ class Fire:
         self.slot, self.gen = slot, slot.gen
         self.stop: str | None = None  # why no more tries may be made (overlap policy)
         self.done = False
+        self.queued = False  # on the heap, waiting for its retry
 
 
 class _Pool:
@@ -1748,7 +1750,7 @@ class Scheduler:
         self._heap: list[tuple[float, int, _Slot | Fire]] = []
         self._stale = 0
         self._busy = 0  # fires handed to the workers and not yet recorded or re-queued
-        self._waiting = 0  # retries on the heap
+        self._waiting = 0  # fires waiting on the heap for a retry
         self._seq = itertools.count()
         # Shared by equal entries; weak, so that a schedule no entry uses any more is freed.
         self._schedules: weakref.WeakValueDictionary[tuple[str, str], CronSchedule] = \
@@ -1774,10 +1776,27 @@ class Scheduler:
                 schedule = self._schedules.setdefault(cache_key, parsed)
         return schedule
 
+    def _queue_retry(self, fire: Fire, at: float) -> None:
+        if not fire.queued:
+            fire.queued = True
+            self._waiting += 1
+        heapq.heappush(self._heap, (at, next(self._seq), fire))
+        self._wake.set()
+
+    def _expedite(self, slot: _Slot) -> None:
+        """Make the entry's fire that waits for a retry end now, not at its retry time: it
+        was stopped (paused, replaced, deleted, or overlap "replace"), so a worker only
+        records why. (Earlier fires still waiting, which overlap "allow" permits, end at
+        their retry times.)"""
+        fire = slot.inflight
+        if fire is not None and fire.queued:
+            self._queue_retry(fire, self._clock.now())  # the later item finds it taken
+
     def _kill(self, identity: str) -> dict[str, _Slot]:
         slots = self._slots.pop(identity, {})
         for slot in slots.values():
             slot.gen += 1
+            self._expedite(slot)
             if slot.live:
                 slot.live = False
                 self._stale += 1
@@ -1832,6 +1851,7 @@ class Scheduler:
                     self._arm(slot, now)
                 elif not running and slot.live:
                     slot.gen += 1
+                    self._expedite(slot)
                     slot.live = False
                     slot.next = None
                     self._stale += 1
@@ -1928,9 +1948,7 @@ class Scheduler:
             reason = self._stopped(fire)
             if reason is None:
                 outcome["delay"] = round(delay, 3)
-                heapq.heappush(self._heap, (self._clock.now() + delay, next(self._seq), fire))
-                self._waiting += 1
-                self._wake.set()
+                self._queue_retry(fire, self._clock.now() + delay)
                 return _RETRYING
         return reason
 
@@ -1964,6 +1982,7 @@ class Scheduler:
             if slot.entry.overlap == "replace":
                 previous.stop = (f"abandoned: replaced by the fire due {rfc3339(at, slot.zone)}"
                                  " (overlap: replace)")
+                self._expedite(slot)
         slot.inflight = fire
         return fire
 
@@ -1977,9 +1996,11 @@ class Scheduler:
         while self._heap and self._heap[0][0] <= now:
             at, _, item = heapq.heappop(self._heap)
             if isinstance(item, Fire):  # a retry whose backoff is over
-                self._waiting -= 1
-                self._hand_over(item)
-                count += 1
+                if item.queued:  # not already taken by an earlier item (see _expedite)
+                    item.queued = False
+                    self._waiting -= 1
+                    self._hand_over(item)
+                    count += 1
                 continue
             slot = item
             if not slot.live or slot.next != at:
@@ -2024,7 +2045,11 @@ class Scheduler:
             self._thread.join(timeout)
         unsent = self._pool.stop(timeout) if self._pool else []
         with self._lock:
-            unsent += [item for _, _, item in self._heap if isinstance(item, Fire)]
+            waiting = {id(item): item for _, _, item in self._heap
+                       if isinstance(item, Fire) and item.queued}
+            for fire in waiting.values():
+                fire.queued = False
+            unsent += waiting.values()
             self._heap = [item for item in self._heap if not isinstance(item[2], Fire)]
             heapq.heapify(self._heap)
             self._waiting = 0
@@ -2305,9 +2330,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # refuse without reading it
             self._fail(413, f"request body is over {limit} bytes")
             return None
-        raw = self.rfile.read(length) if length else b""
+        # The socket timeout bounds each read; this bounds them all, so a client that sends
+        # its body a byte at a time cannot hold a thread for long.
+        deadline = time.monotonic() + self.server.config.request_timeout
+        raw = b""
+        while len(raw) < length and time.monotonic() < deadline:
+            chunk = self.rfile.read1(length - len(raw))
+            if not chunk:
+                break
+            raw += chunk
         self._body_read = True
-        if len(raw) < length:  # the client hung up mid-body
+        if len(raw) < length:  # the client hung up, or was too slow: nothing to answer
             self.close_connection = True
             return None
         if not raw.strip():
