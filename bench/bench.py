@@ -84,7 +84,8 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> float:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-    PROCS.remove(proc)
+    if proc in PROCS:
+        PROCS.remove(proc)
     return time.monotonic() - started
 
 

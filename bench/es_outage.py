@@ -50,6 +50,8 @@ import threading
 import time
 from datetime import datetime
 
+import bench  # bench/bench.py, beside this script: its process helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ES_NODE = os.path.join(REPO, ".ci", "es-node")
 SERVICE = os.path.join(REPO, "schedule_api.py")
@@ -249,16 +251,6 @@ def start_service(tmp: str, es_url: str, timeout: float = 60.0) -> tuple[subproc
     raise RuntimeError(f"the service did not answer /health within {timeout:g} s")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 Sample = collections.namedtuple("Sample", "at phase data error seconds")  # one GET /health
 
 
@@ -341,7 +333,7 @@ def run(opts, tmp: str, cleanup: list) -> dict:
     say(f"node up at {node.url} after {first_start:.1f} s")
 
     service, port = start_service(tmp, node.url)
-    cleanup.append(("service", lambda: stop_process(service)))
+    cleanup.append(("service", lambda: bench.stop(service, 20.0)))
     say(f"service on 127.0.0.1:{port} (pid {service.pid}), receiver at {receiver.url}")
 
     identities = [f"outage-{i:02d}" for i in range(opts.tasks)]
