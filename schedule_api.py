@@ -84,6 +84,7 @@ __all__ = [
     "Task",
     "ValidationError",
     "attempt",
+    "carries_over",
     "fire_log",
     "load_config",
     "main",
@@ -605,6 +606,14 @@ class Task:
                               e.get("retry"), sys.intern(e.get("overlap", "allow")))
                    for key, e in doc["entries"].items()}
         return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
+
+
+def carries_over(old: Task | None, task: Task, key: str) -> bool:
+    """Return True if entry ``key`` of ``task`` keeps the schedule it had in ``old`` (same
+    cron_time, same zone): it then keeps its @every anchor, its next fire and its last."""
+    before = old.entries.get(key) if old else None
+    return (before is not None and old.time_zone == task.time_zone
+            and before.cron_time == task.entries[key].cron_time)
 
 
 def _reject_constant(name: str) -> None:
@@ -1348,7 +1357,14 @@ class LogWriter:
             with self._spool_lock:
                 self._spooled_bytes -= size
             log.info("shipped %d spooled log records", len(records))
+        with self._spool_lock:  # files are made under this lock: none can appear meanwhile
+            if not self.spooled_files():
+                self._spooled_bytes = 0  # whatever was removed by hand, the spool is empty
         return True
+
+    def _spool_in_use(self) -> bool:
+        with self._spool_lock:
+            return self._spooled_bytes > 0
 
     def _spool_safely(self, batch: list[dict]) -> None:
         try:
@@ -1370,7 +1386,7 @@ class LogWriter:
         prune_at = time.monotonic() + 60.0  # then hourly
         while not self._stop_shipping.wait(1.0):
             try:
-                if self.spooled_files():
+                if self._spool_in_use():
                     self.ship_spool()
             except (OSError, ValueError) as exc:  # a disk error, a damaged spool file
                 log.error("cannot ship the log spool: %s", exc)
@@ -1393,9 +1409,12 @@ class LogWriter:
             except (OSError, ValueError):
                 log.error("log spool file %s is damaged; kept as %s.bad", path, path)
                 try:
+                    size = os.path.getsize(path)
                     os.replace(path, path + ".bad")
                 except OSError:
-                    pass
+                    continue
+                with self._spool_lock:
+                    self._spooled_bytes -= size
 
     def _run(self) -> None:
         while True:
@@ -1406,7 +1425,7 @@ class LogWriter:
                 del self._pending[:self._max_batch]
                 closing = self._closing and not self._pending
             try:
-                if batch and self.spooled_files():
+                if batch and self._spool_in_use():
                     self._spool(batch)  # the store is failing or catching up: never wait on it
                 elif batch:
                     self._store_or_spool(batch)
@@ -1824,9 +1843,7 @@ class Scheduler:
             slots = {}
             for key, entry in task.entries.items():
                 before = old.get(key)
-                same = (before is not None and old_task.time_zone == task.time_zone
-                        and before.entry.cron_time == entry.cron_time
-                        and before.entry.anchor == entry.anchor)
+                same = before is not None and carries_over(old_task, task, key)
                 slot = _Slot(task.identity, key, entry, schedules[key], zone,
                              before.last if same else (last or {}).get(key))
                 if task.start:
@@ -2155,10 +2172,8 @@ class Service:
             dates = self._scheduler.dates(task.identity)
             last = {}
             for key, entry in task.entries.items():
-                before = old.entries.get(key) if old else None
-                if before and before.cron_time == entry.cron_time and \
-                        old.time_zone == task.time_zone:
-                    entry.anchor = before.anchor
+                if carries_over(old, task, key):
+                    entry.anchor = old.entries[key].anchor
                     if dates.get(key, (None, None))[1] is not None:
                         last[key] = dates[key][1]
             self._store.save_task(task.document(last))
