@@ -774,7 +774,7 @@ def test_slow_webhook_does_not_delay_another_entry(app, receiver):
     body["entries"]["fast"] = {"cron_time": "* * * * * *", "url": receiver.url + "/fast"}
     ok(app.url, "/put", body)
     fast = receiver.wait_for(4, "/fast", timeout=8)
-    assert len(receiver.received("/slow")) >= 2  # slow ones pile up on other workers
+    assert len(receiver.received("/slow")) >= 2  # slow ones pile up on other connections
     for request in fast:
         scheduled = datetime.fromisoformat(request["headers"]["X-Schedule-Time"]).timestamp()
         assert request["at"] - scheduled < 0.5
@@ -821,6 +821,340 @@ def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
     assert receiver.received("/off") == []
 
 
+# Webhook delivery: the engine against real sockets ##########################################
+
+def read_request(stream):
+    """Read one HTTP/1.1 request (head and Content-Length body); None at end of stream."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = stream.readline()
+        if not line:
+            return None
+        head += line
+    fields = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:-2])
+    length = int(fields.get("Content-Length", 0))
+    return {"line": head.split(b"\r\n", 1)[0].decode(), "headers": fields,
+            "body": stream.read(length)}
+
+
+class RawServer:
+    """A receiver on 127.0.0.1 that answers by a script: ``answer(sock, request, number)``
+    writes the raw reply of the number-th request on a connection and returns True to keep
+    the connection, False to close it. Counts connections; records requests."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"ok\": true}"
+
+    def __init__(self, answer=None, tls=None):
+        self.answer = answer or (lambda sock, request, n: sock.sendall(self.OK) or True)
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.connections = 0
+        self.requests: list[dict] = []
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.socks.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        try:
+            if self.tls:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            self.connections += 1
+            stream = sock.makefile("rb")
+            for n in range(1, 1000):
+                request = read_request(stream)
+                if request is None:
+                    break
+                self.requests.append(request)
+                if not self.answer(sock, request, n):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(answer=None, tls=None):
+        made.append(RawServer(answer, tls))
+        return made[-1]
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def engine():
+    """Webhooks from a Config (defaults, overridden per test); closed at the end."""
+    made = []
+
+    def make(**values):
+        made.append(sa.Webhooks(sa.Config(**values)))
+        return made[-1]
+    yield make
+    for webhooks in made:
+        webhooks.close(1)
+
+
+def a_fire(url, scheduled=1000.0, timeout=5.0, identity="t", **entry):
+    webhook = sa.Webhook(identity, "k", sa.Entry("* * * * * *", url, **entry),
+                         sa.load_zone("UTC"))
+    return sa.Fire(webhook, scheduled, timeout=timeout)
+
+
+def send(webhooks, *fires, timeout=10.0):
+    """Send the fires in one batch; return their outcomes, in their order, once all ended."""
+    ended = {}
+    webhooks.send(list(fires), lambda fire, outcome: ended.__setitem__(id(fire), outcome))
+    wait_until(lambda: len(ended) == len(fires), timeout, message="the tries to end")
+    return [ended[id(fire)] for fire in fires]
+
+
+def test_webhooks_reuse_one_kept_alive_connection(engine, servers):
+    server, webhooks = servers(), engine()
+    for n in range(3):
+        outcome, = send(webhooks, a_fire(server.url + "/p?q=1", 1000.0 + n, body={"n": n},
+                                         headers={"X-Token": "abc"}))
+        assert outcome["error"] is None and outcome["response"] == {"ok": True}
+    assert server.connections == 1 and len(server.requests) == 3
+    request = server.requests[2]
+    assert request["line"] == "POST /p?q=1 HTTP/1.1" and json.loads(request["body"]) == {"n": 2}
+    headers = request["headers"]
+    assert headers["Host"] == f"127.0.0.1:{server.port}" and headers["X-Token"] == "abc"
+    assert headers["X-Schedule-Time"] == "1970-01-01T00:16:42Z"
+    assert headers["X-Schedule-Attempt"] == "1" and headers["Content-Type"] == "application/json"
+    assert headers["X-Schedule-Fire-Id"] == sa.fire_id("t", "k", 1002.0)
+
+
+@pytest.mark.parametrize("reply, expected, reused", [
+    ((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\n{\"a\"\r\n3\r\n: 1\r\n"
+      b"1\r\n}\r\n0\r\nTrailer: t\r\n\r\n"), {"a": 1}, True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", {}, False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n[]", [], False),
+    ((b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX: y\r\n\r\n"
+      b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntrue"), True, True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", "", True),
+])
+def test_webhooks_read_each_kind_of_reply(engine, servers, reply, expected, reused):
+    server = servers(lambda sock, request, n: sock.sendall(reply) or True)
+    webhooks = engine()
+    first, second = (send(webhooks, a_fire(server.url, 1000.0 + n))[0] for n in range(2))
+    assert first["error"] is None and first["response"] == expected
+    assert second["error"] is None
+    assert server.connections == (1 if reused else 2)
+
+
+def test_webhooks_read_a_body_that_runs_until_close(engine, servers):
+    server = servers(lambda sock, request, n: sock.sendall(
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 50_000) and False)
+    outcome, = send(engine(), a_fire(server.url))
+    assert outcome["error"] is None and outcome["response"] == "x" * 50_000
+
+
+def test_webhooks_keep_max_response_bytes_and_drain_or_close_the_rest(engine, servers):
+    sizes = iter([5_000, 3 << 20, 10])
+
+    def answer(sock, request, n):
+        size = next(sizes)
+        sock.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % size + b"y" * size)
+        return True
+    server = servers(answer)
+    webhooks = engine(max_response_bytes=100)
+    drained, closed, small = (send(webhooks, a_fire(server.url, 1000.0 + n))[0] for n in range(3))
+    assert drained["response"] == "y" * 100 and drained["error"] == "HTTP 500 Oops"
+    assert closed["response"] == "y" * 100 and small["response"] == "y" * 10
+    assert server.connections == 2  # kept after 5 KB (drained), closed after 3 MB
+
+
+def test_webhooks_send_once_more_when_a_reused_connection_was_closed(engine, servers):
+    def answer(sock, request, n):  # the second request crosses the receiver's close
+        if n == 2:
+            sock.shutdown(socket.SHUT_RDWR)
+            return False
+        sock.sendall(RawServer.OK)
+        return True
+    server = servers(answer)
+    webhooks = engine()
+    first, = send(webhooks, a_fire(server.url, 1000.0))
+    second, = send(webhooks, a_fire(server.url, 1001.0))
+    assert first["error"] is None and second["error"] is None
+    assert server.connections == 2 and len(server.requests) == 3
+    ids = [r["headers"]["X-Schedule-Fire-Id"] for r in server.requests]
+    assert ids[1] == ids[2] != ids[0]  # the same try, sent again on a new connection
+
+
+def test_webhooks_do_not_resend_on_a_new_connection(engine, servers):
+    server = servers(lambda sock, request, n: sock.shutdown(socket.SHUT_RDWR))
+    outcome, = send(engine(), a_fire(server.url))
+    assert outcome["error"] == ("request failed: the connection closed while waiting for "
+                                "the reply")
+    assert len(server.requests) == 1
+
+
+def test_webhooks_skip_a_connection_the_receiver_closed_while_idle(engine, servers):
+    def answer(sock, request, n):
+        sock.sendall(RawServer.OK)
+        time.sleep(0.05)
+        return False  # closed once idle
+    server = servers(answer)
+    webhooks = engine()
+    first, = send(webhooks, a_fire(server.url, 1000.0))
+    wait_until(lambda: webhooks.stats()["connections_idle"] == 1, message="an idle connection")
+    time.sleep(0.2)
+    second, = send(webhooks, a_fire(server.url, 1001.0))
+    assert first["error"] is None and second["error"] is None
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("answer, phase", [
+    (lambda sock, request, n: time.sleep(5), "waiting for the reply"),
+    (lambda sock, request, n: [sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")]
+     + [sock.sendall(b"z") or time.sleep(0.1) for _ in range(50)], "reading the reply"),
+])
+def test_webhooks_time_out_a_hanging_or_dripping_receiver(engine, servers, answer, phase):
+    server = servers(answer)
+    started = time.monotonic()
+    outcome, = send(engine(), a_fire(server.url, timeout=0.6))
+    assert outcome["error"] == f"request failed: timed out {phase}"
+    assert 0.5 < time.monotonic() - started < 2 and outcome["duration_ms"] < 1500
+
+
+def make_certificate(folder):
+    """A self-signed certificate for 127.0.0.1, made with openssl: (cert.pem, key.pem)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(servers, tmp_path):
+    import ssl
+    cert, key = make_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = servers(tls=context)
+    server.ca = str(cert)
+    return server
+
+
+def test_webhooks_verify_tls_against_the_given_ca(engine, tls_server):
+    refused, = send(engine(), a_fire(tls_server.url))
+    assert "CERTIFICATE_VERIFY_FAILED" in refused["error"]
+    webhooks = engine(webhook_ca_certs=tls_server.ca)
+    outcomes = [send(webhooks, a_fire(tls_server.url + "/s", 1000.0 + n))[0] for n in range(2)]
+    assert [o["response"] for o in outcomes] == [{"ok": True}] * 2
+    assert tls_server.requests[-1]["line"] == "POST /s HTTP/1.1"
+    assert tls_server.connections == 1  # one handshake done, its connection kept alive
+
+
+def test_webhooks_wait_per_origin_in_order_of_their_instants(engine, servers):
+    slow = servers(lambda sock, request, n: time.sleep(0.2) or sock.sendall(RawServer.OK) or True)
+    fast = servers()
+    webhooks = engine(max_connections_per_origin=1)
+    ended = []
+
+    def done(fire, outcome):
+        ended.append((fire.webhook.entry.url, fire.scheduled))
+    webhooks.send([a_fire(slow.url, 5.0)], done)
+    wait_until(lambda: slow.requests, message="the first slow request")
+    webhooks.send([a_fire(slow.url, 9.0), a_fire(slow.url, 7.0), a_fire(slow.url, 8.0),
+                   a_fire(fast.url, 9.0)], done)
+    wait_until(lambda: len(ended) == 5, message="every fire")
+    assert ended[0] == (fast.url, 9.0)  # not behind the slow origin's queue
+    assert [at for url, at in ended if url == slow.url] == [5.0, 7.0, 8.0, 9.0]
+    assert slow.connections == 1
+
+
+def test_webhooks_hold_fires_over_max_connections_and_never_drop_them(engine, servers):
+    server = servers(lambda sock, request, n: time.sleep(0.05) or sock.sendall(RawServer.OK)
+                     or True)
+    webhooks = engine(max_connections=3)
+    outcomes = send(webhooks, *(a_fire(f"{server.url}/{n}", float(n)) for n in range(20)))
+    assert all(o["error"] is None for o in outcomes)
+    assert server.connections <= 3 and len(server.requests) == 20
+
+
+def test_webhooks_go_through_the_proxy_urllib_would_use(engine, servers, tls_server,
+                                                        monkeypatch):
+    def tunnel(sock, request, n):
+        if request["line"].startswith("CONNECT"):  # pipe both ways to the TLS receiver
+            upstream = socket.create_connection(("127.0.0.1", tls_server.port))
+            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((sock, upstream), (upstream, sock)):
+                threading.Thread(target=lambda a=a, b=b: [b.sendall(chunk) for chunk in iter(
+                    lambda: a.recv(65536), b"")], daemon=True).start()
+            time.sleep(3)
+            return False
+        sock.sendall(RawServer.OK)
+        return True
+    proxy, direct = servers(tunnel), servers()
+    monkeypatch.setenv("http_proxy", f"http://user:pw@127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("https_proxy", f"127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("no_proxy", "localhost")
+    webhooks = engine(webhook_ca_certs=tls_server.ca)
+    plain, secure = send(webhooks, a_fire("http://example.invalid:8080/x"),
+                         a_fire(tls_server.url + "/y"))
+    bypass, = send(webhooks, a_fire(f"http://localhost:{direct.port}/z"))
+    assert plain["error"] is None and secure["response"] == {"ok": True}
+    assert bypass["error"] is None and direct.requests[0]["line"] == "POST /z HTTP/1.1"
+    lines = sorted(r["line"] for r in proxy.requests)
+    assert lines == [f"CONNECT 127.0.0.1:{tls_server.port} HTTP/1.1",
+                     "POST http://example.invalid:8080/x HTTP/1.1"]
+    forwarded = next(r for r in proxy.requests if r["line"].startswith("POST"))
+    assert forwarded["headers"]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="
+    assert tls_server.requests[-1]["line"] == "POST /y HTTP/1.1"
+
+
+def test_webhooks_close_waits_for_fires_in_flight_then_ends_every_other(engine, servers):
+    server = servers(lambda sock, request, n: time.sleep(5))
+    webhooks = engine(max_connections=1)
+    ended = {}
+    webhooks.send([a_fire(server.url, 1.0), a_fire(server.url, 2.0)],
+                  lambda fire, outcome: ended.__setitem__(fire.scheduled, outcome))
+    wait_until(lambda: server.requests, message="the first request")
+    started = time.monotonic()
+    webhooks.close(0.3)
+    assert time.monotonic() - started < 2
+    assert ended[1.0]["error"] == "request failed: the service shut down before the reply"
+    assert ended[2.0] is None  # never sent
+    webhooks.send([a_fire(server.url, 3.0)], lambda fire, outcome: ended.__setitem__(3.0, outcome))
+    assert ended[3.0] is None and len(server.requests) == 1
+
+
+def test_webhook_headers_carry_any_identity_and_refuse_nothing_at_fire_time():
+    webhook = sa.Webhook("任务", "é", sa.Entry("* * * * * *", "http://127.0.0.1:9/"),
+                         sa.load_zone("UTC"))
+    head = webhook.encode(0.0, 1).decode("latin-1")
+    assert "X-Schedule-Identity: %E4%BB%BB%E5%8A%A1\r\n" in head
+    assert "X-Schedule-Key: \xe9\r\n" in head and head.endswith("\r\n\r\n")  # Latin-1 as is
+    long_label = "http://" + "ü" * 64 + ".example/"  # IDNA allows 63 octets a label
+    bad = sa.Webhook("t", "k", sa.Entry("* * * * * *", long_label), sa.load_zone("UTC"))
+    assert bad.problem and bad.problem.startswith("invalid URL")
+
+
 # Scheduler with a fake clock ################################################################
 
 START = local("2024-03-10T01:59:00", NY)
@@ -828,19 +1162,16 @@ START = local("2024-03-10T01:59:00", NY)
 
 @pytest.fixture
 def scheduler():
+    """A scheduler on a fake clock whose webhooks go to a closed port, one at a time (so
+    they end in order of their instants); ``fired`` lists what its log records name."""
     clock = FakeClock(START)
     fired: list[tuple[str, str, float]] = []
-    done = threading.Condition()
+    lock = threading.Lock()
 
-    def attempt(fire):
-        return {"status": 200, "response": None, "error": None, "retry_after": None,
-                "duration_ms": 0.0, "at": clock.now()}
-
-    def record(fire, reason):
-        with done:
-            fired.append((fire.identity, fire.key, fire.scheduled))
-            done.notify_all()
-    s = sa.Scheduler(attempt, record, clock, workers=1)
+    def sink(record):
+        with lock:
+            fired.append((record["identity"], record["key"], record["scheduled"]))
+    s = sa.Scheduler(sa.Webhooks(sa.Config(max_connections=1)), sink, clock)
     s.clock, s.fired = clock, fired
     s.start()
     yield s
@@ -912,8 +1243,9 @@ def test_unchanged_entry_keeps_its_next_and_last_fire(scheduler):
     assert scheduler.dates("t")["k"] == before == (START + 30, START + 20)
 
 
-def test_every_entry_fires_from_its_anchor(scheduler):
-    scheduler.put(entries_task("e", "@every 25s", anchor=START + 3))
+@pytest.mark.parametrize("cron", ["@every 25s", "CRON_TZ=UTC @every 25s", "TZ=Asia/Tokyo  @every 25s"])
+def test_every_entry_fires_from_its_anchor(scheduler, cron):
+    scheduler.put(entries_task("e", cron, anchor=START + 3))
     drive(scheduler, 80)
     wait_until(lambda: len(scheduler.fired) >= 3, message="fires")
     assert [t - START for _, _, t in scheduler.fired] == [28, 53, 78]
@@ -921,13 +1253,13 @@ def test_every_entry_fires_from_its_anchor(scheduler):
 
 def test_service_with_a_fake_clock_paused_task_never_reaches_the_receiver(apps, receiver):
     clock = FakeClock(local("2024-05-01T12:00:00", "UTC"))
-    app = apps.start(clock=clock, workers=1)
+    app = apps.start(clock=clock, max_connections=1)
     ok(app.url, "/put", task(identity="paused", url=receiver.url + "/paused", start=False))
     ok(app.url, "/put", task(identity="sentinel", url=receiver.url + "/sentinel"))
     for n in range(1, 4):
         clock.advance(10)
         receiver.wait_for(n, "/sentinel")
-    # With one worker, fires are sent in order of due time; the paused one would be first.
+    # With one connection, fires are sent in order of due time; the paused one would be first.
     assert receiver.received("/paused") == []
     next_date = ok(app.url, "/get", {"identity": "sentinel"})["entries"]["index"]["next_date"]
     assert next_date == "2024-05-01T20:00:40+08:00"
@@ -1334,7 +1666,7 @@ def test_pausing_deleting_or_replacing_stops_pending_retries(apps, receiver, act
 
 
 def test_overlap_forbid_skips_a_fire_while_the_last_one_runs(apps, receiver):
-    app, clock = fake_app(apps, workers=4)
+    app, clock = fake_app(apps)
     ok(app.url, "/put", task(url=receiver.url + "/slow", cron="*/10 * * * * *", zone="UTC",
                              overlap="forbid"))
     clock.advance(1)
@@ -1366,7 +1698,7 @@ def test_overlap_replace_abandons_the_running_fires_retries(apps, receiver):
 
 
 def test_allow_lets_fires_overlap(apps, receiver):
-    app, clock = fake_app(apps, workers=4)
+    app, clock = fake_app(apps)
     ok(app.url, "/put", task(url=receiver.url + "/slow", cron="*/10 * * * * *", zone="UTC"))
     clock.advance(1)
     receiver.wait_for(1, "/slow")
