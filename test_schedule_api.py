@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -290,6 +291,13 @@ def test_config_rejects_bad_value_naming_the_option(tmp_path, text, named):
 def test_config_missing_file_is_an_error_when_named(tmp_path):
     with pytest.raises(sa.ValidationError, match="cannot read"):
         sa.load_config(str(tmp_path / "nope.ini"), environ={})
+
+
+def test_config_example_documents_every_option_with_its_default():
+    text = (HERE / "config.example.ini").read_text()
+    for section, option in sa.CONFIG_KEYS:
+        assert re.search(rf"^;? ?{option} =", text, re.MULTILINE), f"[{section}] {option} missing"
+    assert sa.load_config(str(HERE / "config.example.ini"), environ={}) == sa.Config()
 
 
 # Schedules ##################################################################################
@@ -593,232 +601,172 @@ def test_token_guards_every_endpoint_but_health(apps):
     assert post(app.url, "/health", method="GET")[0] == 200
 
 
-# Service through HTTP: the original README's contract #######################################
+# Elasticsearch: old indices and outages #####################################################
 
-def test_readme_example_round_trip(app, receiver):
-    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
-        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
-        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
-    assert post(app.url, "/put", example) == (200, {"error": 0, "msg": "ok"})
-    data = ok(app.url, "/get", {"identity": "test"})
-    assert data["identity"] == "test" and data["start"] is True
-    assert data["time_zone"] == "Asia/Shanghai"
-    entry = data["entries"]["subscription"]
-    assert entry["cron_time"] == "*/10 * * * * *" and entry["headers"] is None
-    assert entry["body"] is None and entry["last_date"] == sa.ZERO_DATE
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]0\+08:00", entry["next_date"])
-    assert ok(app.url, "/all") == ["test"]
-    assert ok(app.url, "/lists", {"identity": ["test", "missing"]}) == [data]
-    assert post(app.url, "/running", {"identity": "test", "running": False})[1]["error"] == 0
-    paused = ok(app.url, "/get", {"identity": "test"})
-    assert paused["start"] is False and paused["entries"]["index"]["next_date"] == sa.ZERO_DATE
-    hits = ok(app.url, "/search", {"identity": "test", "limit": 20, "skip": 0})["hits"]
-    assert [h["_source"]["type"] for h in hits["hits"]] == ["running", "put"]
-    assert hits["hits"][1]["_source"]["body"]["entries"]["index"]["url"] == receiver.url
-    assert all(h["_id"] for h in hits["hits"])
-    assert post(app.url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
-    assert ok(app.url, "/all") == []
-    assert ok(app.url, "/search", {"identity": "test", "type": "delete"})["hits"]["total"][
-        "value"] == 1
-    assert post(app.url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
-    assert ok(app.url, "/search", {"identity": "test"})["hits"]["total"]["value"] == 0
+class TcpProxy:
+    """A real TCP forwarder on 127.0.0.1 in front of Elasticsearch: down() cuts the cluster
+    off (every connection dropped, the port refusing), up() brings it back on the same port."""
 
+    def __init__(self, target: str):
+        host, port = target.split("//")[1].rstrip("/").split(":")
+        self.target = (host, int(port))
+        self.port = 0
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.up()
 
-@pytest.mark.parametrize("path", ["/get", "/running", "/delete"])
-def test_unknown_identity_is_an_error(app, path):
-    status, reply = post(app.url, path, {"identity": "ghost", "running": True})
-    assert status == 200 and reply == {"error": 1, "msg": "task 'ghost' not found"}
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
 
+    def up(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-def test_running_requires_a_boolean(sqlite_app):
-    ok(sqlite_app.url, "/put", task())
-    reply = post(sqlite_app.url, "/running", {"identity": "test", "running": "no"})[1]
-    assert reply["error"] == 1 and reply["msg"].startswith("running:")
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-
-def test_lists_requires_an_array(sqlite_app):
-    reply = post(sqlite_app.url, "/lists", {"identity": "test"})[1]
-    assert reply["error"] == 1 and reply["msg"].startswith("identity:")
-
-
-def test_fires_post_body_and_headers_and_log_success(app, receiver):
-    ok(app.url, "/put", task(url=receiver.url + "/hook", cron="* * * * * *",
-                             body={"n": 1, "list": [1, "two"]}, headers={"X-Token": "abc"}))
-    first = receiver.wait_for(1, "/hook")[0]
-    assert json.loads(first["body"]) == {"n": 1, "list": [1, "two"]}
-    assert first["headers"]["Content-Type"] == "application/json"
-    assert first["headers"]["X-Token"] == "abc"
-    assert first["headers"]["User-Agent"] == sa.USER_AGENT
-    assert first["headers"]["X-Schedule-Identity"] == "test"
-    scheduled = datetime.fromisoformat(first["headers"]["X-Schedule-Time"]).timestamp()
-    assert 0 <= first["at"] - scheduled < 1.0  # fired at its instant, not a tick later
-
-    def logged():
-        hits = ok(app.url, "/search", {"identity": "test", "type": "success"})["hits"]["hits"]
-        return hits
-    source = wait_until(logged, message="a success log")[0]["_source"]
-    assert source["key"] == "index" and source["status"] == 200
-    assert source["response"] == {"ok": True} and source["header"] == {"X-Token": "abc"}
-    assert source["url"] == receiver.url + "/hook" and source["duration_ms"] >= 0
-    assert source["scheduled"] % 1 == 0 and isinstance(source["time"], int)
-    last = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["last_date"]
-    assert last != sa.ZERO_DATE
-
-
-def test_entry_without_body_posts_nothing(app, receiver):
-    ok(app.url, "/put", task(url=receiver.url + "/empty", cron="* * * * * *"))
-    got = receiver.wait_for(1, "/empty")[0]
-    assert got["body"] == b"" and "Content-Type" not in got["headers"]
-
-
-@pytest.mark.parametrize("where, message", [
-    ("/status/500", "HTTP 500"),
-    ("/status/404", "HTTP 404"),
-    ("/status/302", "HTTP 302"),
-    ("unreachable", "request failed"),
-])
-def test_failed_webhooks_are_error_logs(app, receiver, where, message):
-    url = "http://127.0.0.1:9/" if where == "unreachable" else receiver.url + where
-    ok(app.url, "/put", task(url=url, cron="* * * * * *"))
-
-    def logged():
-        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
-    source = wait_until(logged, message="an error log")[0]["_source"]
-    assert isinstance(source["message"], list) and message in source["message"][0]
-    assert source["url"] == url and "scheduled" in source and "duration_ms" in source
-    if where != "unreachable":
-        assert source["status"] == int(where.rsplit("/", 1)[1]) and source["response"] == "nope"
-
-
-def test_webhook_timeout_is_an_error_log(apps, receiver):
-    app = apps.start(webhook_timeout=0.5)
-    ok(app.url, "/put", task(url=receiver.url + "/slow", cron="* * * * * *"))
-
-    def logged():
-        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
-    source = wait_until(logged, timeout=8, message="a timeout log")[0]["_source"]
-    assert "timed out" in source["message"][0]
-
-
-def seed_logs(app):
-    """Write logs of known times through the service's own writer."""
-    records = []
-    for i, (kind, identity) in enumerate([("put", "a"), ("success", "a"), ("error", "a-b"),
-                                          ("success", "a-b"), ("error", "a"), ("put", "b")]):
-        record = sa.make_log(kind, identity, key="k", scheduled=1000.0 + i)
-        record["time"], record["_ts"] = 1000 + i, 1000 + i + 0.5
-        records.append(record)
-        app.writer.write_now(record)
-    return records
-
-
-def test_search_filters_exactly_and_pages_newest_first(app):
-    seed_logs(app)
-
-    def search(**query):
-        hits = ok(app.url, "/search", query)["hits"]
-        return hits["total"]["value"], [h["_source"]["time"] for h in hits["hits"]]
-    assert search() == (6, [1005, 1004, 1003, 1002, 1001, 1000])
-    assert search(identity="a") == (3, [1004, 1001, 1000])  # never "a-b"
-    assert search(identity="a-b", type="error") == (1, [1002])
-    assert search(type="put") == (2, [1005, 1000])
-    assert search(time={"gte": 1001, "lte": 1003}) == (3, [1003, 1002, 1001])
-    assert search(time={"gte": 1004}) == (2, [1005, 1004])
-    assert search(time={"lte": 1000}) == (1, [1000])
-    assert search(limit=2, skip=1) == (6, [1004, 1003])
-    assert search(limit=2, skip=10) == (6, [])
-
-
-@pytest.mark.parametrize("query, field", [
-    ({"type": "fire"}, "type"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
-    ({"limit": "20"}, "limit"), ({"skip": -1}, "skip"), ({"skip": 9950, "limit": 100}, "skip"),
-    ({"time": 5}, "time"), ({"time": {"gte": "x"}}, "time.gte"), ({"identity": 7}, "identity"),
-    ({"time": {"lte": 10 ** 400}}, "time.lte"), ({"scheduled": 10 ** 400}, "scheduled"),
-])
-def test_search_rejects_bad_queries(sqlite_app, query, field):
-    reply = post(sqlite_app.url, "/search", query)[1]
-    assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
-
-
-def test_clear_deletes_only_that_identitys_logs(app):
-    seed_logs(app)
-    ok(app.url, "/clear", {"identity": "a"})
-    hits = ok(app.url, "/search", {})["hits"]
-    assert sorted({h["_source"]["identity"] for h in hits["hits"]}) == ["a-b", "b"]
-    assert hits["total"]["value"] == 3
-
-
-def test_put_replaces_atomically_and_unchanged_entries_keep_last_date(app, receiver):
-    body = task(url=receiver.url + "/keep", cron="* * * * * *")
-    body["entries"]["drop"] = {"cron_time": "* * * * * *", "url": receiver.url + "/drop"}
-    ok(app.url, "/put", body)
-    receiver.wait_for(1, "/drop")
-    wait_until(lambda: ok(app.url, "/get", {"identity": "test"})["entries"]["index"][
-        "last_date"] != sa.ZERO_DATE, message="a last_date")
-    del body["entries"]["drop"]
-    body["entries"]["new"] = {"cron_time": "0 0 0 1 1 *", "url": receiver.url + "/new"}
-    ok(app.url, "/put", body)
-    dropped_at = time.time()
-    entries = ok(app.url, "/get", {"identity": "test"})["entries"]
-    assert sorted(entries) == ["index", "new"]
-    assert entries["index"]["last_date"] != sa.ZERO_DATE
-    assert entries["new"]["last_date"] == sa.ZERO_DATE
-    before = len(receiver.received("/keep"))
-    receiver.wait_for(before + 2, "/keep")  # the kept entry goes on firing...
-    late = [r for r in receiver.received("/drop") if r["at"] > dropped_at + 0.5]
-    assert late == []  # ...and the removed one stopped at once
-
-
-def test_slow_webhook_does_not_delay_another_entry(app, receiver):
-    body = task(url=receiver.url + "/slow", cron="* * * * * *")
-    body["entries"]["fast"] = {"cron_time": "* * * * * *", "url": receiver.url + "/fast"}
-    ok(app.url, "/put", body)
-    fast = receiver.wait_for(4, "/fast", timeout=8)
-    assert len(receiver.received("/slow")) >= 2  # slow ones pile up on other connections
-    for request in fast:
-        scheduled = datetime.fromisoformat(request["headers"]["X-Schedule-Time"]).timestamp()
-        assert request["at"] - scheduled < 0.5
-
-
-def test_fifty_parallel_puts_all_land(app):
-    errors = []
-
-    def put(i):
+    @staticmethod
+    def _pump(source, sink):
         try:
-            _, reply = post(app.url, "/put", task(identity=f"t{i}", start=False))
-            if reply != {"error": 0, "msg": "ok"}:
-                errors.append(reply)
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(repr(exc))
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == []
-    assert ok(app.url, "/all") == sorted(f"t{i}" for i in range(50))
-    assert ok(app.url, "/search", {"type": "put", "limit": 1})["hits"]["total"]["value"] == 50
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def down(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
 
-def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
-    app = apps.start()
-    ok(app.url, "/put", task(identity="on", url=receiver.url + "/on", cron="* * * * * *"))
-    ok(app.url, "/put", task(identity="off", url=receiver.url + "/off", cron="* * * * * *"))
-    ok(app.url, "/running", {"identity": "off", "running": False})
-    receiver.wait_for(1, "/on")
-    wait_until(lambda: ok(app.url, "/search", {"identity": "on", "type": "success"}
-                          )["hits"]["hits"], message="a fire log")
+@pytest.fixture
+def es_apps(tmp_path):
+    if not ES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set")
+        pytest.skip("SCHEDULE_API_TEST_ES not set")
+    a = Apps("elasticsearch", tmp_path)
+    yield a
+    a.close()
+
+
+def fire_keys_received(receiver, path):
+    return sorted((r["headers"]["X-Schedule-Key"],
+                   datetime.fromisoformat(r["headers"]["X-Schedule-Time"]).timestamp())
+                  for r in receiver.received(path))
+
+
+def fire_keys_logged(url, identity):
+    hits = ok(url, "/search", {"identity": identity, "limit": 100})["hits"]["hits"]
+    return sorted((h["_source"]["key"], h["_source"]["scheduled"]) for h in hits
+                  if h["_source"]["type"] in ("success", "error"))
+
+
+def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
+    index = f"test-{uuid.uuid4().hex[:12]}"
+    es = es_client()
+    for i, identity in enumerate(["a", "a-b", "a b"]):  # dynamic mapping: text + .keyword
+        es.index(index=index, id=f"go{i}", refresh=True, document={
+            "type": "put", "identity": identity, "time": 1000 + i,
+            "body": {"identity": identity, "time_zone": "Asia/Shanghai", "start": True}})
+    mapping = es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
+    assert mapping["identity"]["type"] == "text"  # as the Go service left it
+    app = es_apps.start(index=index)
+    es_apps.indices.add(index)
+    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
+    assert hits["total"]["value"] == 1 and hits["hits"][0]["_id"] == "go0"
+    assert ok(app.url, "/search", {"type": "put", "identity": "a b"})["hits"]["total"][
+        "value"] == 1
+    seed_logs(app)  # new logs, with bodies the old mapping never saw
+    record = sa.make_log("success", "a", key="k", scheduled=5.0, response={"body": "text"})
+    app.writer.write_now(record)
+    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
+    assert hits["total"]["value"] == 5
+    assert hits["hits"][0]["_source"]["response"] == {"body": "text"}
+    mapping = es.indices.get_mapping(index=index)[index]["mappings"]
+    assert mapping["dynamic"] == "false" and mapping["properties"]["response"] == {
+        "type": "object", "enabled": False}
+    ok(app.url, "/clear", {"identity": "a"})
+    assert ok(app.url, "/search", {"identity": "a-b"})["hits"]["total"]["value"] == 3
+
+
+def test_es_outage_keeps_firing_spools_logs_and_ships_each_once(es_apps, receiver):
+    proxy = TcpProxy(ES_URL)
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
+    body = task(url=receiver.url + "/o", cron="* * * * * *")
+    body["entries"]["second"] = {"cron_time": "* * * * * *", "url": receiver.url + "/o"}
+    ok(app.url, "/put", body)
+    receiver.wait_for(2, "/o")
+    proxy.down()
+    status, reply = post(app.url, "/put", task(identity="other"))
+    assert status == 200 and reply["error"] == 1 and "store unavailable" in reply["msg"]
+    reply = post(app.url, "/running", {"identity": "test", "running": False})[1]
+    assert reply["error"] == 1
+    assert ok(app.url, "/all") == ["test"]  # nothing changed in memory either
+    assert ok(app.url, "/get", {"identity": "test"})["start"] is True
+    health = post(app.url, "/health", method="GET")[1]["data"]
+    assert health["ok"] is False and health["store"] == "elasticsearch"
+    during = len(receiver.received("/o"))
+    receiver.wait_for(during + 4, "/o")  # still firing from memory
+    wait_until(lambda: app.writer.spooled_files(), message="logs spooled on disk")
+    proxy.up()
+    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
+    ok(app.url, "/running", {"identity": "test", "running": False})
+    time.sleep(0.1)  # a fire handed to a worker just before the pause may still be sent
+    wait_until(lambda: len(fire_keys_logged(app.url, "test")) >= len(receiver.received("/o")),
+               timeout=10, message="every fire logged")
+    assert fire_keys_logged(app.url, "test") == fire_keys_received(receiver, "/o")
+
+
+def test_es_restart_of_the_service_while_logs_are_spooled(es_apps, receiver, tmp_path):
+    proxy = TcpProxy(ES_URL)
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
     index = app.config.es_default_index
-    apps.stop(app)  # flushes the logs
-    app = apps.start(index=index)
-    assert ok(app.url, "/all") == ["off", "on"]
-    on = ok(app.url, "/get", {"identity": "on"})
-    assert on["start"] is True and on["entries"]["index"]["last_date"] != sa.ZERO_DATE
-    off = ok(app.url, "/get", {"identity": "off"})
-    assert off["start"] is False and off["entries"]["index"]["next_date"] == sa.ZERO_DATE
-    count = len(receiver.received("/on"))
-    receiver.wait_for(count + 1, "/on")
-    assert receiver.received("/off") == []
+    ok(app.url, "/put", task(url=receiver.url + "/r", cron="* * * * * *"))
+    receiver.wait_for(1, "/r")
+    proxy.down()
+    count = len(receiver.received("/r"))
+    receiver.wait_for(count + 2, "/r")
+    es_apps.stop(app)  # the logs it could not store stay in the spool
+    assert app.writer.spooled_files()
+    sent = fire_keys_received(receiver, "/r")
+    proxy.up()
+    app = es_apps.start(es_hosts=proxy.url, index=index)
+    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
+    logged = fire_keys_logged(app.url, "test")
+    assert logged[:len(sent)] == sent
+    assert len(set(logged)) == len(logged)
+    proxy.down()
 
 
 # Webhook delivery: the engine against real sockets ##########################################
@@ -919,7 +867,7 @@ def engine():
 
 def a_fire(url, scheduled=1000.0, timeout=5.0, identity="t", **entry):
     webhook = sa.Webhook(identity, "k", sa.Entry("* * * * * *", url, **entry),
-                         sa.load_zone("UTC"))
+                         sa.load_zone("UTC"), urllib.request.getproxies())
     return sa.Fire(webhook, scheduled, timeout=timeout)
 
 
@@ -1146,12 +1094,12 @@ def test_webhooks_close_waits_for_fires_in_flight_then_ends_every_other(engine, 
 
 def test_webhook_headers_carry_any_identity_and_refuse_nothing_at_fire_time():
     webhook = sa.Webhook("任务", "é", sa.Entry("* * * * * *", "http://127.0.0.1:9/"),
-                         sa.load_zone("UTC"))
+                         sa.load_zone("UTC"), {})
     head = webhook.encode(0.0, 1).decode("latin-1")
     assert "X-Schedule-Identity: %E4%BB%BB%E5%8A%A1\r\n" in head
     assert "X-Schedule-Key: \xe9\r\n" in head and head.endswith("\r\n\r\n")  # Latin-1 as is
     long_label = "http://" + "ü" * 64 + ".example/"  # IDNA allows 63 octets a label
-    bad = sa.Webhook("t", "k", sa.Entry("* * * * * *", long_label), sa.load_zone("UTC"))
+    bad = sa.Webhook("t", "k", sa.Entry("* * * * * *", long_label), sa.load_zone("UTC"), {})
     assert bad.problem and bad.problem.startswith("invalid URL")
 
 
@@ -1263,284 +1211,6 @@ def test_service_with_a_fake_clock_paused_task_never_reaches_the_receiver(apps, 
     assert receiver.received("/paused") == []
     next_date = ok(app.url, "/get", {"identity": "sentinel"})["entries"]["index"]["next_date"]
     assert next_date == "2024-05-01T20:00:40+08:00"
-
-
-# Black box: the service as a process ########################################################
-
-class Process:
-    """schedule_api.py started as users start it, with a config file."""
-
-    def __init__(self, tmp_path, config_text, name="svc"):
-        self.config = tmp_path / f"{name}.ini"
-        self.config.write_text(config_text)
-        self.log = tmp_path / f"{name}.log"
-        self.proc = None
-
-    def start(self):
-        seen = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "a") as handle:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"),
-                                          "--config", str(self.config)], stdout=handle,
-                                         stderr=handle, cwd=self.config.parent)
-        text = wait_until(lambda: "ready:" in self.log.read_text()[seen:] and
-                          self.log.read_text()[seen:], timeout=20, message="the service")
-        self.url = re.findall(r"listening on (http://\S+)", text)[-1]
-        return self
-
-    def kill(self, sig=signal.SIGKILL):
-        self.proc.send_signal(sig)
-        return self.proc.wait(20)
-
-
-@pytest.fixture
-def process(store_kind, tmp_path):
-    started = []
-    index = f"test-{uuid.uuid4().hex[:12]}"
-
-    def make():
-        text = f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = {tmp_path / 'data'}\n"
-        if store_kind == "elasticsearch":
-            text += f"[elasticsearch]\nhosts = {ES_URL}\ndefault_index = {index}\n"
-        p = Process(tmp_path, text)
-        started.append(p)
-        return p.start()
-    yield make
-    for p in started:
-        if p.proc.poll() is None:
-            p.kill()
-    if store_kind == "elasticsearch":
-        es_client().indices.delete(index=f"{index},{index}-tasks", ignore_unavailable=True)
-
-
-def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
-    svc = process()
-    url = svc.url
-    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
-        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
-        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
-    assert post(url, "/put", example) == (200, {"error": 0, "msg": "ok"})
-    got = ok(url, "/get", {"identity": "test"})
-    assert set(got) == {"identity", "time_zone", "start", "entries"}
-    assert set(got["entries"]["index"]) == {"cron_time", "url", "headers", "body", "next_date",
-                                            "last_date"}
-    assert ok(url, "/all") == ["test"]
-    assert ok(url, "/lists", {"identity": ["test"]})[0]["identity"] == "test"
-    assert post(url, "/running", {"identity": "test", "running": True})[1]["error"] == 0
-    now = int(time.time())
-    hits = ok(url, "/search", {"identity": "test", "limit": 20, "skip": 0,
-                               "time": {"lte": now + 5, "gte": now - 400}})["hits"]
-    assert hits["total"]["value"] >= 2 and hits["hits"][0]["_source"]["identity"] == "test"
-    for bad in (b"{", b"[]", b'{"identity": 1}', b"\xff"):
-        status, reply = post(url, "/put", raw=bad)
-        assert status == 200 and reply["error"] == 1 and reply["msg"]
-    assert post(url, "/nope", {})[0] == 404
-    assert post(url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
-    assert post(url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
-    assert ok(url, "/all") == []
-    assert svc.kill(signal.SIGTERM) == 0
-    assert "Traceback" not in svc.log.read_text()
-
-
-def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
-    svc = process()
-    for i in range(5):
-        ok(svc.url, "/put", task(identity=f"t{i}", start=True))
-    ok(svc.url, "/running", {"identity": "t1", "running": False})
-    ok(svc.url, "/delete", {"identity": "t2"})
-    svc.kill()
-    svc = process()
-    assert ok(svc.url, "/all") == ["t0", "t1", "t3", "t4"]
-    assert ok(svc.url, "/get", {"identity": "t1"})["start"] is False
-    assert ok(svc.url, "/get", {"identity": "t0"})["start"] is True
-    kinds = [h["_source"]["type"] for h in ok(svc.url, "/search", {"limit": 100})["hits"]["hits"]]
-    assert sorted(kinds) == ["delete"] + ["put"] * 5 + ["running"]
-
-
-def test_sigterm_flushes_fire_logs(process, receiver):
-    svc = process()
-    ok(svc.url, "/put", task(url=receiver.url + "/t", cron="* * * * * *"))
-    receiver.wait_for(2, "/t")
-    assert svc.kill(signal.SIGTERM) == 0
-    sent = len(receiver.received("/t"))
-    svc = process()
-    ok(svc.url, "/running", {"identity": "test", "running": False})
-    logged = ok(svc.url, "/search", {"type": "success"})["hits"]["total"]["value"]
-    assert logged >= sent >= 2
-
-
-# Elasticsearch: old indices and outages #####################################################
-
-class TcpProxy:
-    """A real TCP forwarder on 127.0.0.1 in front of Elasticsearch: down() cuts the cluster
-    off (every connection dropped, the port refusing), up() brings it back on the same port."""
-
-    def __init__(self, target: str):
-        host, port = target.split("//")[1].rstrip("/").split(":")
-        self.target = (host, int(port))
-        self.port = 0
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.up()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def up(self):
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-                server = socket.create_connection(self.target)
-            except OSError:
-                return
-            with self.lock:
-                self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def down(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
-        self.listener.close()
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
-@pytest.fixture
-def es_apps(tmp_path):
-    if not ES_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set")
-        pytest.skip("SCHEDULE_API_TEST_ES not set")
-    a = Apps("elasticsearch", tmp_path)
-    yield a
-    a.close()
-
-
-def fire_keys_received(receiver, path):
-    return sorted((r["headers"]["X-Schedule-Key"],
-                   datetime.fromisoformat(r["headers"]["X-Schedule-Time"]).timestamp())
-                  for r in receiver.received(path))
-
-
-def fire_keys_logged(url, identity):
-    hits = ok(url, "/search", {"identity": identity, "limit": 100})["hits"]["hits"]
-    return sorted((h["_source"]["key"], h["_source"]["scheduled"]) for h in hits
-                  if h["_source"]["type"] in ("success", "error"))
-
-
-def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
-    index = f"test-{uuid.uuid4().hex[:12]}"
-    es = es_client()
-    for i, identity in enumerate(["a", "a-b", "a b"]):  # dynamic mapping: text + .keyword
-        es.index(index=index, id=f"go{i}", refresh=True, document={
-            "type": "put", "identity": identity, "time": 1000 + i,
-            "body": {"identity": identity, "time_zone": "Asia/Shanghai", "start": True}})
-    mapping = es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
-    assert mapping["identity"]["type"] == "text"  # as the Go service left it
-    app = es_apps.start(index=index)
-    es_apps.indices.add(index)
-    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
-    assert hits["total"]["value"] == 1 and hits["hits"][0]["_id"] == "go0"
-    assert ok(app.url, "/search", {"type": "put", "identity": "a b"})["hits"]["total"][
-        "value"] == 1
-    seed_logs(app)  # new logs, with bodies the old mapping never saw
-    record = sa.make_log("success", "a", key="k", scheduled=5.0, response={"body": "text"})
-    app.writer.write_now(record)
-    hits = ok(app.url, "/search", {"identity": "a"})["hits"]
-    assert hits["total"]["value"] == 5
-    assert hits["hits"][0]["_source"]["response"] == {"body": "text"}
-    mapping = es.indices.get_mapping(index=index)[index]["mappings"]
-    assert mapping["dynamic"] == "false" and mapping["properties"]["response"] == {
-        "type": "object", "enabled": False}
-    ok(app.url, "/clear", {"identity": "a"})
-    assert ok(app.url, "/search", {"identity": "a-b"})["hits"]["total"]["value"] == 3
-
-
-def test_es_outage_keeps_firing_spools_logs_and_ships_each_once(es_apps, receiver):
-    proxy = TcpProxy(ES_URL)
-    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
-    body = task(url=receiver.url + "/o", cron="* * * * * *")
-    body["entries"]["second"] = {"cron_time": "* * * * * *", "url": receiver.url + "/o"}
-    ok(app.url, "/put", body)
-    receiver.wait_for(2, "/o")
-    proxy.down()
-    status, reply = post(app.url, "/put", task(identity="other"))
-    assert status == 200 and reply["error"] == 1 and "store unavailable" in reply["msg"]
-    reply = post(app.url, "/running", {"identity": "test", "running": False})[1]
-    assert reply["error"] == 1
-    assert ok(app.url, "/all") == ["test"]  # nothing changed in memory either
-    assert ok(app.url, "/get", {"identity": "test"})["start"] is True
-    health = post(app.url, "/health", method="GET")[1]["data"]
-    assert health["ok"] is False and health["store"] == "elasticsearch"
-    during = len(receiver.received("/o"))
-    receiver.wait_for(during + 4, "/o")  # still firing from memory
-    wait_until(lambda: app.writer.spooled_files(), message="logs spooled on disk")
-    proxy.up()
-    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
-    ok(app.url, "/running", {"identity": "test", "running": False})
-    time.sleep(0.1)  # a fire handed to a worker just before the pause may still be sent
-    wait_until(lambda: len(fire_keys_logged(app.url, "test")) >= len(receiver.received("/o")),
-               timeout=10, message="every fire logged")
-    assert fire_keys_logged(app.url, "test") == fire_keys_received(receiver, "/o")
-
-
-def test_es_restart_of_the_service_while_logs_are_spooled(es_apps, receiver, tmp_path):
-    proxy = TcpProxy(ES_URL)
-    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
-    index = app.config.es_default_index
-    ok(app.url, "/put", task(url=receiver.url + "/r", cron="* * * * * *"))
-    receiver.wait_for(1, "/r")
-    proxy.down()
-    count = len(receiver.received("/r"))
-    receiver.wait_for(count + 2, "/r")
-    es_apps.stop(app)  # the logs it could not store stay in the spool
-    assert app.writer.spooled_files()
-    sent = fire_keys_received(receiver, "/r")
-    proxy.up()
-    app = es_apps.start(es_hosts=proxy.url, index=index)
-    wait_until(lambda: not app.writer.spooled_files(), timeout=10, message="spool shipped")
-    logged = fire_keys_logged(app.url, "test")
-    assert logged[:len(sent)] == sent
-    assert len(set(logged)) == len(logged)
-    proxy.down()
-
-
-def test_config_example_documents_every_option_with_its_default():
-    text = (HERE / "config.example.ini").read_text()
-    for section, option in sa.CONFIG_KEYS:
-        assert re.search(rf"^;? ?{option} =", text, re.MULTILINE), f"[{section}] {option} missing"
-    assert sa.load_config(str(HERE / "config.example.ini"), environ={}) == sa.Config()
 
 
 # Deliveries: retries, signatures, overlap, /retry, /preview #################################
@@ -1962,3 +1632,334 @@ def test_a_body_trickled_slower_than_request_timeout_is_dropped(sqlite_apps):
     sock.close()
     assert time.monotonic() - started < 5
     assert ok(app.url, "/all") == []
+
+
+# Service through HTTP: the original README's contract #######################################
+
+def test_readme_example_round_trip(app, receiver):
+    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
+        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
+    assert post(app.url, "/put", example) == (200, {"error": 0, "msg": "ok"})
+    data = ok(app.url, "/get", {"identity": "test"})
+    assert data["identity"] == "test" and data["start"] is True
+    assert data["time_zone"] == "Asia/Shanghai"
+    entry = data["entries"]["subscription"]
+    assert entry["cron_time"] == "*/10 * * * * *" and entry["headers"] is None
+    assert entry["body"] is None and entry["last_date"] == sa.ZERO_DATE
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]0\+08:00", entry["next_date"])
+    assert ok(app.url, "/all") == ["test"]
+    assert ok(app.url, "/lists", {"identity": ["test", "missing"]}) == [data]
+    assert post(app.url, "/running", {"identity": "test", "running": False})[1]["error"] == 0
+    paused = ok(app.url, "/get", {"identity": "test"})
+    assert paused["start"] is False and paused["entries"]["index"]["next_date"] == sa.ZERO_DATE
+    hits = ok(app.url, "/search", {"identity": "test", "limit": 20, "skip": 0})["hits"]
+    assert [h["_source"]["type"] for h in hits["hits"]] == ["running", "put"]
+    assert hits["hits"][1]["_source"]["body"]["entries"]["index"]["url"] == receiver.url
+    assert all(h["_id"] for h in hits["hits"])
+    assert post(app.url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(app.url, "/all") == []
+    assert ok(app.url, "/search", {"identity": "test", "type": "delete"})["hits"]["total"][
+        "value"] == 1
+    assert post(app.url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(app.url, "/search", {"identity": "test"})["hits"]["total"]["value"] == 0
+
+
+@pytest.mark.parametrize("path", ["/get", "/running", "/delete"])
+def test_unknown_identity_is_an_error(app, path):
+    status, reply = post(app.url, path, {"identity": "ghost", "running": True})
+    assert status == 200 and reply == {"error": 1, "msg": "task 'ghost' not found"}
+
+
+def test_running_requires_a_boolean(sqlite_app):
+    ok(sqlite_app.url, "/put", task())
+    reply = post(sqlite_app.url, "/running", {"identity": "test", "running": "no"})[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("running:")
+
+
+def test_lists_requires_an_array(sqlite_app):
+    reply = post(sqlite_app.url, "/lists", {"identity": "test"})[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("identity:")
+
+
+def test_fires_post_body_and_headers_and_log_success(app, receiver):
+    ok(app.url, "/put", task(url=receiver.url + "/hook", cron="* * * * * *",
+                             body={"n": 1, "list": [1, "two"]}, headers={"X-Token": "abc"}))
+    first = receiver.wait_for(1, "/hook")[0]
+    assert json.loads(first["body"]) == {"n": 1, "list": [1, "two"]}
+    assert first["headers"]["Content-Type"] == "application/json"
+    assert first["headers"]["X-Token"] == "abc"
+    assert first["headers"]["User-Agent"] == sa.USER_AGENT
+    assert first["headers"]["X-Schedule-Identity"] == "test"
+    scheduled = datetime.fromisoformat(first["headers"]["X-Schedule-Time"]).timestamp()
+    assert 0 <= first["at"] - scheduled < 1.0  # fired at its instant, not a tick later
+
+    def logged():
+        hits = ok(app.url, "/search", {"identity": "test", "type": "success"})["hits"]["hits"]
+        return hits
+    source = wait_until(logged, message="a success log")[0]["_source"]
+    assert source["key"] == "index" and source["status"] == 200
+    assert source["response"] == {"ok": True} and source["header"] == {"X-Token": "abc"}
+    assert source["url"] == receiver.url + "/hook" and source["duration_ms"] >= 0
+    assert source["scheduled"] % 1 == 0 and isinstance(source["time"], int)
+    last = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["last_date"]
+    assert last != sa.ZERO_DATE
+
+
+def test_entry_without_body_posts_nothing(app, receiver):
+    ok(app.url, "/put", task(url=receiver.url + "/empty", cron="* * * * * *"))
+    got = receiver.wait_for(1, "/empty")[0]
+    assert got["body"] == b"" and "Content-Type" not in got["headers"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("/status/500", "HTTP 500"),
+    ("/status/404", "HTTP 404"),
+    ("/status/302", "HTTP 302"),
+    ("unreachable", "request failed"),
+])
+def test_failed_webhooks_are_error_logs(app, receiver, where, message):
+    url = "http://127.0.0.1:9/" if where == "unreachable" else receiver.url + where
+    ok(app.url, "/put", task(url=url, cron="* * * * * *"))
+
+    def logged():
+        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
+    source = wait_until(logged, message="an error log")[0]["_source"]
+    assert isinstance(source["message"], list) and message in source["message"][0]
+    assert source["url"] == url and "scheduled" in source and "duration_ms" in source
+    if where != "unreachable":
+        assert source["status"] == int(where.rsplit("/", 1)[1]) and source["response"] == "nope"
+
+
+def test_webhook_timeout_is_an_error_log(apps, receiver):
+    app = apps.start(webhook_timeout=0.5)
+    ok(app.url, "/put", task(url=receiver.url + "/slow", cron="* * * * * *"))
+
+    def logged():
+        return ok(app.url, "/search", {"identity": "test", "type": "error"})["hits"]["hits"]
+    source = wait_until(logged, timeout=8, message="a timeout log")[0]["_source"]
+    assert "timed out" in source["message"][0]
+
+
+def seed_logs(app):
+    """Write logs of known times through the service's own writer."""
+    records = []
+    for i, (kind, identity) in enumerate([("put", "a"), ("success", "a"), ("error", "a-b"),
+                                          ("success", "a-b"), ("error", "a"), ("put", "b")]):
+        record = sa.make_log(kind, identity, key="k", scheduled=1000.0 + i)
+        record["time"], record["_ts"] = 1000 + i, 1000 + i + 0.5
+        records.append(record)
+        app.writer.write_now(record)
+    return records
+
+
+def test_search_filters_exactly_and_pages_newest_first(app):
+    seed_logs(app)
+
+    def search(**query):
+        hits = ok(app.url, "/search", query)["hits"]
+        return hits["total"]["value"], [h["_source"]["time"] for h in hits["hits"]]
+    assert search() == (6, [1005, 1004, 1003, 1002, 1001, 1000])
+    assert search(identity="a") == (3, [1004, 1001, 1000])  # never "a-b"
+    assert search(identity="a-b", type="error") == (1, [1002])
+    assert search(type="put") == (2, [1005, 1000])
+    assert search(time={"gte": 1001, "lte": 1003}) == (3, [1003, 1002, 1001])
+    assert search(time={"gte": 1004}) == (2, [1005, 1004])
+    assert search(time={"lte": 1000}) == (1, [1000])
+    assert search(limit=2, skip=1) == (6, [1004, 1003])
+    assert search(limit=2, skip=10) == (6, [])
+
+
+@pytest.mark.parametrize("query, field", [
+    ({"type": "fire"}, "type"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+    ({"limit": "20"}, "limit"), ({"skip": -1}, "skip"), ({"skip": 9950, "limit": 100}, "skip"),
+    ({"time": 5}, "time"), ({"time": {"gte": "x"}}, "time.gte"), ({"identity": 7}, "identity"),
+    ({"time": {"lte": 10 ** 400}}, "time.lte"), ({"scheduled": 10 ** 400}, "scheduled"),
+])
+def test_search_rejects_bad_queries(sqlite_app, query, field):
+    reply = post(sqlite_app.url, "/search", query)[1]
+    assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
+
+
+def test_clear_deletes_only_that_identitys_logs(app):
+    seed_logs(app)
+    ok(app.url, "/clear", {"identity": "a"})
+    hits = ok(app.url, "/search", {})["hits"]
+    assert sorted({h["_source"]["identity"] for h in hits["hits"]}) == ["a-b", "b"]
+    assert hits["total"]["value"] == 3
+
+
+def test_put_replaces_atomically_and_unchanged_entries_keep_last_date(app, receiver):
+    body = task(url=receiver.url + "/keep", cron="* * * * * *")
+    body["entries"]["drop"] = {"cron_time": "* * * * * *", "url": receiver.url + "/drop"}
+    ok(app.url, "/put", body)
+    receiver.wait_for(1, "/drop")
+    wait_until(lambda: ok(app.url, "/get", {"identity": "test"})["entries"]["index"][
+        "last_date"] != sa.ZERO_DATE, message="a last_date")
+    del body["entries"]["drop"]
+    body["entries"]["new"] = {"cron_time": "0 0 0 1 1 *", "url": receiver.url + "/new"}
+    ok(app.url, "/put", body)
+    dropped_at = time.time()
+    entries = ok(app.url, "/get", {"identity": "test"})["entries"]
+    assert sorted(entries) == ["index", "new"]
+    assert entries["index"]["last_date"] != sa.ZERO_DATE
+    assert entries["new"]["last_date"] == sa.ZERO_DATE
+    before = len(receiver.received("/keep"))
+    receiver.wait_for(before + 2, "/keep")  # the kept entry goes on firing...
+    late = [r for r in receiver.received("/drop") if r["at"] > dropped_at + 0.5]
+    assert late == []  # ...and the removed one stopped at once
+
+
+def test_slow_webhook_does_not_delay_another_entry(app, receiver):
+    body = task(url=receiver.url + "/slow", cron="* * * * * *")
+    body["entries"]["fast"] = {"cron_time": "* * * * * *", "url": receiver.url + "/fast"}
+    ok(app.url, "/put", body)
+    fast = receiver.wait_for(4, "/fast", timeout=8)
+    assert len(receiver.received("/slow")) >= 2  # slow ones pile up on other connections
+    for request in fast:
+        scheduled = datetime.fromisoformat(request["headers"]["X-Schedule-Time"]).timestamp()
+        assert request["at"] - scheduled < 0.5
+
+
+def test_fifty_parallel_puts_all_land(app):
+    errors = []
+
+    def put(i):
+        try:
+            _, reply = post(app.url, "/put", task(identity=f"t{i}", start=False))
+            if reply != {"error": 0, "msg": "ok"}:
+                errors.append(reply)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert ok(app.url, "/all") == sorted(f"t{i}" for i in range(50))
+    assert ok(app.url, "/search", {"type": "put", "limit": 1})["hits"]["total"]["value"] == 50
+
+
+def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
+    app = apps.start()
+    ok(app.url, "/put", task(identity="on", url=receiver.url + "/on", cron="* * * * * *"))
+    ok(app.url, "/put", task(identity="off", url=receiver.url + "/off", cron="* * * * * *"))
+    ok(app.url, "/running", {"identity": "off", "running": False})
+    receiver.wait_for(1, "/on")
+    wait_until(lambda: ok(app.url, "/search", {"identity": "on", "type": "success"}
+                          )["hits"]["hits"], message="a fire log")
+    index = app.config.es_default_index
+    apps.stop(app)  # flushes the logs
+    app = apps.start(index=index)
+    assert ok(app.url, "/all") == ["off", "on"]
+    on = ok(app.url, "/get", {"identity": "on"})
+    assert on["start"] is True and on["entries"]["index"]["last_date"] != sa.ZERO_DATE
+    off = ok(app.url, "/get", {"identity": "off"})
+    assert off["start"] is False and off["entries"]["index"]["next_date"] == sa.ZERO_DATE
+    count = len(receiver.received("/on"))
+    receiver.wait_for(count + 1, "/on")
+    assert receiver.received("/off") == []
+
+
+# Black box: the service as a process ########################################################
+
+class Process:
+    """schedule_api.py started as users start it, with a config file."""
+
+    def __init__(self, tmp_path, config_text, name="svc"):
+        self.config = tmp_path / f"{name}.ini"
+        self.config.write_text(config_text)
+        self.log = tmp_path / f"{name}.log"
+        self.proc = None
+
+    def start(self):
+        seen = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "a") as handle:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"),
+                                          "--config", str(self.config)], stdout=handle,
+                                         stderr=handle, cwd=self.config.parent)
+        text = wait_until(lambda: "ready:" in self.log.read_text()[seen:] and
+                          self.log.read_text()[seen:], timeout=20, message="the service")
+        self.url = re.findall(r"listening on (http://\S+)", text)[-1]
+        return self
+
+    def kill(self, sig=signal.SIGKILL):
+        self.proc.send_signal(sig)
+        return self.proc.wait(20)
+
+
+@pytest.fixture
+def process(store_kind, tmp_path):
+    started = []
+    index = f"test-{uuid.uuid4().hex[:12]}"
+
+    def make():
+        text = f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = {tmp_path / 'data'}\n"
+        if store_kind == "elasticsearch":
+            text += f"[elasticsearch]\nhosts = {ES_URL}\ndefault_index = {index}\n"
+        p = Process(tmp_path, text)
+        started.append(p)
+        return p.start()
+    yield make
+    for p in started:
+        if p.proc.poll() is None:
+            p.kill()
+    if store_kind == "elasticsearch":
+        es_client().indices.delete(index=f"{index},{index}-tasks", ignore_unavailable=True)
+
+
+def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
+    svc = process()
+    url = svc.url
+    example = {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "subscription": {"cron_time": "*/10 * * * * *", "url": receiver.url + "/subscription"},
+        "index": {"cron_time": "*/5 * * * * *", "url": receiver.url}}}
+    assert post(url, "/put", example) == (200, {"error": 0, "msg": "ok"})
+    got = ok(url, "/get", {"identity": "test"})
+    assert set(got) == {"identity", "time_zone", "start", "entries"}
+    assert set(got["entries"]["index"]) == {"cron_time", "url", "headers", "body", "next_date",
+                                            "last_date"}
+    assert ok(url, "/all") == ["test"]
+    assert ok(url, "/lists", {"identity": ["test"]})[0]["identity"] == "test"
+    assert post(url, "/running", {"identity": "test", "running": True})[1]["error"] == 0
+    now = int(time.time())
+    hits = ok(url, "/search", {"identity": "test", "limit": 20, "skip": 0,
+                               "time": {"lte": now + 5, "gte": now - 400}})["hits"]
+    assert hits["total"]["value"] >= 2 and hits["hits"][0]["_source"]["identity"] == "test"
+    for bad in (b"{", b"[]", b'{"identity": 1}', b"\xff"):
+        status, reply = post(url, "/put", raw=bad)
+        assert status == 200 and reply["error"] == 1 and reply["msg"]
+    assert post(url, "/nope", {})[0] == 404
+    assert post(url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert post(url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
+    assert ok(url, "/all") == []
+    assert svc.kill(signal.SIGTERM) == 0
+    assert "Traceback" not in svc.log.read_text()
+
+
+def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
+    svc = process()
+    for i in range(5):
+        ok(svc.url, "/put", task(identity=f"t{i}", start=True))
+    ok(svc.url, "/running", {"identity": "t1", "running": False})
+    ok(svc.url, "/delete", {"identity": "t2"})
+    svc.kill()
+    svc = process()
+    assert ok(svc.url, "/all") == ["t0", "t1", "t3", "t4"]
+    assert ok(svc.url, "/get", {"identity": "t1"})["start"] is False
+    assert ok(svc.url, "/get", {"identity": "t0"})["start"] is True
+    kinds = [h["_source"]["type"] for h in ok(svc.url, "/search", {"limit": 100})["hits"]["hits"]]
+    assert sorted(kinds) == ["delete"] + ["put"] * 5 + ["running"]
+
+
+def test_sigterm_flushes_fire_logs(process, receiver):
+    svc = process()
+    ok(svc.url, "/put", task(url=receiver.url + "/t", cron="* * * * * *"))
+    receiver.wait_for(2, "/t")
+    assert svc.kill(signal.SIGTERM) == 0
+    sent = len(receiver.received("/t"))
+    svc = process()
+    ok(svc.url, "/running", {"identity": "test", "running": False})
+    logged = ok(svc.url, "/search", {"type": "success"})["hits"]["total"]["value"]
+    assert logged >= sent >= 2
