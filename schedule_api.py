@@ -122,7 +122,8 @@ MAX_SEARCH_LIMIT = 100
 MAX_SEARCH_WINDOW = 10_000  # skip + limit, Elasticsearch's default max_result_window
 LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are skipped
 TIMER_MAX_WAIT = 30.0  # seconds: the timer re-reads the clock at least this often
-# Headers a user may not set on a webhook: urllib computes them, and a wrong one corrupts the request.
+# Headers a user may not set on a webhook: the service computes them, and a wrong one corrupts
+# the request (so do X-Schedule-*, the fire's own).
 FORBIDDEN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 
@@ -726,7 +727,7 @@ def _headers(value: Any, field: str) -> dict | None:
     for name, text in value.items():
         if not HEADER_NAME.fullmatch(name):
             raise ValidationError(field, f"{name!r} is not a valid header name")
-        if name.lower() in FORBIDDEN_HEADERS:
+        if name.lower() in FORBIDDEN_HEADERS or name.lower().startswith("x-schedule-"):
             raise ValidationError(f"{field}.{name}", "is set by the service and cannot be given")
         if not isinstance(text, str):
             raise ValidationError(f"{field}.{name}", "must be a string")
@@ -1808,9 +1809,13 @@ class _Connection:
     def alive(self) -> bool:
         return not (self.writer.is_closing() or self.reader.at_eof())
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Close it: gracefully (FIN, TLS close_notify) after a whole reply, else abort."""
         if self.reader is not None:
-            self.writer.transport.abort()
+            if graceful:
+                self.writer.close()
+            else:
+                self.writer.transport.abort()
             self.reader = self.writer = None
             self.open[0] -= 1
 
@@ -2029,7 +2034,7 @@ class Webhooks:
                 outcome["retry_after"] = _retry_after(headers.get("retry-after"))
             if reusable:
                 return outcome, conn
-            conn.close()
+            conn.close(graceful=True)
             return outcome, None
         if conn is not None:
             conn.close()
@@ -2084,7 +2089,7 @@ class Webhooks:
     def _drop_idle(self, conn: _Connection) -> None:
         del self._idle[conn]
         conn.origin.idle.remove(conn)
-        conn.close()
+        conn.close(graceful=True)
 
     def _sweep(self) -> None:
         """Close connections idle too long and forget origins with nothing left; every 1 s."""

@@ -511,6 +511,8 @@ GOOD = {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:9/"}
      "entries.a.headers"),
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"Content-Length": "9"}}}},
      "entries.a.headers.Content-Length"),
+    ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"x-schedule-fire-id": "9"}}}},
+     "entries.a.headers.x-schedule-fire-id"),
     ({"identity": "t", "entries": {"a": {**GOOD, "retries": 3}}}, "entries.a.retries"),
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X\n": "v"}}}}, "entries.a.headers"),
     ({"identity": "t", "entries": {"a": {**GOOD, "headers": {"X": "\u20ac"}}}},
