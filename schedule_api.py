@@ -1529,8 +1529,9 @@ def rfc3339(instant: float | None, zone: ZoneInfo) -> str:
 
 
 def fire_id(identity: str, key: str, scheduled: float) -> str:
-    """Return a stable id of one fire: the same on every retry, different for every instant."""
-    return hashlib.sha256(f"{identity}\n{key}\n{scheduled!r}".encode()).hexdigest()[:32]
+    """Return a stable id of one fire: the same on every retry, different for every instant.
+    The instant counts as a float, so 1795593600 and 1795593600.0 name the same fire."""
+    return hashlib.sha256(f"{identity}\n{key}\n{float(scheduled)!r}".encode()).hexdigest()[:32]
 
 
 def signature(secrets: Iterable[str], timestamp: int, body: bytes) -> str:
@@ -2617,7 +2618,7 @@ class Service:
         """Send one failed fire again, now, once, with its fire id; return its new log."""
         identity = _identity(request)
         key = _name(request.get("key"), "key")
-        scheduled = _number(request.get("scheduled"), "scheduled", 0, 1e11)
+        scheduled = float(_number(request.get("scheduled"), "scheduled", 0, 1e11))
         task = self._require(identity)
         entry = task.entries.get(key)
         if entry is None:

@@ -1410,9 +1410,11 @@ def test_retry_endpoint_resends_a_failed_fire_with_the_same_fire_id(apps, receiv
     ok(app.url, "/put", hourly(receiver, "/flaky/1"))
     failed = run_fire(app, clock, 1)[0]
     assert failed["type"] == "error" and failed["status"] == 503
-    request = {"identity": "test", "key": "index", "scheduled": failed["scheduled"]}
+    # A whole number, as README writes it, names the same fire as the log's float.
+    request = {"identity": "test", "key": "index", "scheduled": int(failed["scheduled"])}
     data = ok(app.url, "/retry", request)
     assert data["type"] == "success" and data["retry_of"] == failed["_id"]
+    assert data["scheduled"] == failed["scheduled"] and isinstance(data["scheduled"], float)
     first, again = receiver.received("/flaky/1")
     assert first["headers"]["X-Schedule-Fire-Id"] == again["headers"]["X-Schedule-Fire-Id"]
     reply = post(app.url, "/retry", request)[1]
@@ -1449,6 +1451,9 @@ def test_preview_flags_what_daylight_saving_did(app):
         ("2024-04-07T01:45:00+11:00", "merged"), ("2024-04-08T01:45:00+10:30", None)]
     data = ok(app.url, "/preview", {"cron_time": "@every 90s", "after": 1000})
     assert [f["time"] for f in data[:2]] == [1090, 1180] and len(data) == 10
+    # As the scheduler does, @every counts from a whole second: its fires are whole seconds.
+    data = ok(app.url, "/preview", {"cron_time": "@every 90s", "after": 1000.25, "count": 2})
+    assert [f["time"] for f in data] == [1090, 1180]
 
 
 @pytest.mark.parametrize("request_, field", [
