@@ -35,6 +35,7 @@ import base64
 import concurrent.futures
 import configparser
 import dataclasses
+import difflib
 import email.utils
 import hashlib
 import heapq
@@ -64,7 +65,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = [
     "App",
@@ -157,6 +158,12 @@ class StoreError(ScheduleApiError):
     """The store could not do what was asked; the caller's change was not made."""
 
 
+def nearest(name: str, known: Iterable[str]) -> str:
+    """Return "; did you mean 'x'?" for the known name nearest to ``name``, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 # Configuration ##############################################################################
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +175,7 @@ class Config:
     token: str = ""
     max_body_bytes: int = 1 << 20
     request_timeout: float = 30.0
+    ignore_unknown_fields: bool = False
     data: str = "data"
     webhook_timeout: float = 10.0
     max_connections: int = 1024
@@ -200,6 +208,7 @@ CONFIG_KEYS = {
     ("server", "token"): "token",
     ("server", "max_body_bytes"): "max_body_bytes",
     ("server", "request_timeout"): "request_timeout",
+    ("server", "ignore_unknown_fields"): "ignore_unknown_fields",
     ("server", "log_level"): "log_level",
     ("storage", "path"): "data",
     ("storage", "spool_max_bytes"): "spool_max_bytes",
@@ -225,6 +234,11 @@ CONFIG_KEYS = {
 }
 
 
+# Options of earlier versions, with what took their place.
+RETIRED_KEYS = {("webhook", "workers"): "was replaced in 1.1 by max_connections (webhooks in "
+                                        "flight at once, default 1024): remove it"}
+
+
 def _convert(name: str, raw: str, where: str) -> Any:
     kind = type(getattr(Config, name))
     text = raw.strip()
@@ -242,6 +256,27 @@ def _convert(name: str, raw: str, where: str) -> Any:
     return value
 
 
+def _check_names(parser: configparser.ConfigParser) -> None:
+    """Refuse a section or option of config.ini that CONFIG_KEYS does not know, naming the
+    nearest known one: a typo must stop the start, not pass silently."""
+    sections = sorted({section for section, _ in CONFIG_KEYS})
+    if parser.defaults():
+        raise ValidationError("[DEFAULT]", "is not used; put each option in its section")
+    for section in parser.sections():
+        if section not in sections:
+            close = difflib.get_close_matches(section, sections, n=1)
+            raise ValidationError(f"[{section}]", "is not a known section" +
+                                  (f"; did you mean [{close[0]}]?" if close else
+                                   f"; sections: {', '.join(sections)}"))
+        options = [option for s, option in CONFIG_KEYS if s == section]
+        for option in parser.options(section):
+            if (section, option) in RETIRED_KEYS:
+                raise ValidationError(f"[{section}] {option}", RETIRED_KEYS[section, option])
+            if option not in options:
+                raise ValidationError(f"[{section}] {option}",
+                                      "is not a known option" + nearest(option, options))
+
+
 def load_config(path: str | None = None, environ: dict | None = None, **flags: Any) -> Config:
     """Build the Config from defaults, then the file at ``path``, the environment, then flags.
 
@@ -257,6 +292,7 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
                 parser.read_file(handle)
         except (OSError, configparser.Error) as exc:
             raise ValidationError("--config", f"cannot read {path}: {exc}") from None
+        _check_names(parser)
         for (section, option), name in CONFIG_KEYS.items():
             if parser.has_option(section, option):
                 values[name] = _convert(name, parser.get(section, option), f"[{section}] {option}")
@@ -656,6 +692,37 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
             and before.cron_time == task.entries[key].cron_time)
 
 
+# The fields of each request object, by where it stands. Anything else is refused, naming the
+# nearest known field, unless [server] ignore_unknown_fields brings back the original's
+# leniency. An entry may carry next_date and last_date: /get's reply put back is a valid /put.
+REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
+    "/put": ("identity", "time_zone", "start", "entries"),
+    "/put entries.*": ("cron_time", "url", "headers", "body", "retry", "overlap", "next_date",
+                       "last_date"),
+    "/put entries.*.retry": tuple(RETRY_LIMITS),
+    "/get": ("identity",),
+    "/all": (),
+    "/lists": ("identity",),
+    "/running": ("identity", "running"),
+    "/delete": ("identity",),
+    "/search": ("type", "identity", "key", "scheduled", "time", "limit", "skip"),
+    "/search time": ("gte", "lte"),
+    "/clear": ("identity",),
+    "/retry": ("identity", "key", "scheduled"),
+    "/preview": ("cron_time", "time_zone", "count", "after"),
+}
+
+
+def check_fields(value: dict, where: str, prefix: str = "", strict: bool = True) -> None:
+    """Refuse a field of ``value`` that REQUEST_FIELDS[where] does not list: ValidationError
+    names it (after ``prefix``) and the nearest known field. Nothing when not ``strict``."""
+    known = REQUEST_FIELDS[where]
+    unknown = sorted(name for name in value if name not in known) if strict else ()
+    if unknown:
+        raise ValidationError(f"{prefix}{unknown[0]}",
+                              "is not a known field" + nearest(unknown[0], known))
+
+
 def _reject_constant(name: str) -> None:
     """Refuse NaN and Infinity, which Python's json reads but JSON does not have."""
     raise ValueError(f"{name} is not valid JSON")
@@ -738,16 +805,19 @@ def _headers(value: Any, field: str) -> dict | None:
     return value
 
 
-def validate_task(request: Any, now: float, schedules: Schedules | None = None) -> Task:
+def validate_task(request: Any, now: float, schedules: Schedules | None = None,
+                  strict: bool = True) -> Task:
     """Turn a /put request into a Task, or raise ValidationError naming the field.
 
     ``now`` becomes the anchor of @every entries. ``start`` defaults to false and
     ``time_zone`` to "UTC", as the original's zero values. Cron times are parsed through
-    ``schedules``, so that the scheduler finds them parsed.
+    ``schedules``, so that the scheduler finds them parsed. ``strict``: unknown fields are
+    refused (check_fields).
     """
     schedules = schedules or Schedules()
     if not isinstance(request, dict):
         raise ValidationError("", "request body must be a JSON object")
+    check_fields(request, "/put", strict=strict)
     identity = _identity(request)
     zone_name = request.get("time_zone", "UTC")
     if not isinstance(zone_name, str) or not zone_name:
@@ -768,10 +838,7 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None) 
         _name(key, f"entries key {key!r}")
         if not isinstance(spec, dict):
             raise ValidationError(field, "must be an object with cron_time and url")
-        unknown = set(spec) - {"cron_time", "url", "headers", "body", "retry", "overlap",
-                               "next_date", "last_date"}
-        if unknown:
-            raise ValidationError(f"{field}.{min(unknown)}", "is not a known entry field")
+        check_fields(spec, "/put entries.*", f"{field}.", strict)
         cron_time = spec.get("cron_time")
         try:
             schedules.get(cron_time, zone_name, now)
@@ -784,7 +851,8 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None) 
         entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
-                             retry=_retry(spec.get("retry"), f"{field}.retry"), overlap=overlap)
+                             retry=_retry(spec.get("retry"), f"{field}.retry", strict),
+                             overlap=overlap)
     return Task(identity, zone_name, start, entries)
 
 
@@ -796,15 +864,14 @@ def _number(value: Any, field: str, low: float, high: float) -> float:
     return value
 
 
-def _retry(value: Any, field: str) -> dict | None:
+def _retry(value: Any, field: str, strict: bool = True) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ValidationError(field, "must be an object with attempts, backoff, max_backoff "
                                      "and/or max_duration")
-    unknown = set(value) - set(RETRY_LIMITS)
-    if unknown:
-        raise ValidationError(f"{field}.{min(unknown)}", "is not a known retry field")
+    check_fields(value, "/put entries.*.retry", f"{field}.", strict)
+    value = {name: value[name] for name in RETRY_LIMITS if name in value}
     for name, (low, high) in RETRY_LIMITS.items():
         if name in value:
             _number(value[name], f"{field}.{name}", low, high)
@@ -813,8 +880,9 @@ def _retry(value: Any, field: str) -> dict | None:
     return dict(value)
 
 
-def validate_search(request: dict) -> dict:
+def validate_search(request: dict, strict: bool = True) -> dict:
     """Return the normalised /search query, or raise ValidationError naming the field."""
+    check_fields(request, "/search", strict=strict)
     query: dict[str, Any] = {"type": None, "identity": None, "key": None, "scheduled": None,
                              "gte": None, "lte": None, "limit": 20, "skip": 0}
     kind = request.get("type")
@@ -830,6 +898,7 @@ def validate_search(request: dict) -> dict:
     if span is not None:
         if not isinstance(span, dict):
             raise ValidationError("time", "must be an object with gte and/or lte")
+        check_fields(span, "/search time", "time.", strict)
         for side in ("gte", "lte"):
             if span.get(side) is not None:
                 query[side] = _number(span[side], f"time.{side}", -1e11, 1e11)
@@ -2513,6 +2582,7 @@ class Service:
         self._scheduler = Scheduler(self._webhooks, writer.write, self._clock,
                                     config.retry_attempts, self._schedules)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
+        self._strict = not config.ignore_unknown_fields
         self.ready = threading.Event()  # set once the stored tasks are loaded
 
     def start(self) -> int:
@@ -2555,7 +2625,8 @@ class Service:
         """Create or replace a task atomically; unchanged entries keep their fire times."""
         # @every counts from the put's whole second: its fires fall on whole seconds, as in
         # robfig/cron, and X-Schedule-Time (whole seconds) names them exactly.
-        task = validate_task(request, math.floor(self._clock.now()), self._schedules)
+        task = validate_task(request, math.floor(self._clock.now()), self._schedules,
+                             self._strict)
         with self._lock:
             old = self._scheduler.task(task.identity)
             dates = self._scheduler.dates(task.identity)
@@ -2569,14 +2640,19 @@ class Service:
             self._scheduler.put(task, last)
         self._writer.write_now(make_log("put", task.identity, body=task.public()))
 
+    def _fields(self, request: dict, endpoint: str) -> dict:
+        check_fields(request, endpoint, strict=self._strict)
+        return request
+
     def get(self, request: dict) -> dict:
-        return self._view(self._require(_identity(request)))
+        return self._view(self._require(_identity(self._fields(request, "/get"))))
 
     def all(self, request: dict) -> list:
+        self._fields(request, "/all")
         return self._scheduler.identities()
 
     def lists(self, request: dict) -> list:
-        identities = request.get("identity")
+        identities = self._fields(request, "/lists").get("identity")
         if not isinstance(identities, list) or len(identities) > MAX_LISTS:
             raise ValidationError("identity", f"must be an array of at most {MAX_LISTS} "
                                               "task identities")
@@ -2588,7 +2664,7 @@ class Service:
         return views
 
     def running(self, request: dict) -> None:
-        identity = _identity(request)
+        identity = _identity(self._fields(request, "/running"))
         running = _bool(request.get("running"), "running")
         with self._lock:
             task = self._require(identity)
@@ -2600,7 +2676,7 @@ class Service:
                                         body={"identity": identity, "running": running}))
 
     def delete(self, request: dict) -> None:
-        identity = _identity(request)
+        identity = _identity(self._fields(request, "/delete"))
         with self._lock:
             self._require(identity)
             self._store.delete_task(identity)
@@ -2608,15 +2684,15 @@ class Service:
         self._writer.write_now(make_log("delete", identity, body={"identity": identity}))
 
     def search(self, request: dict) -> dict:
-        return search_reply(self._store.search(validate_search(request)),
+        return search_reply(self._store.search(validate_search(request, self._strict)),
                             self._config.es_default_index)
 
     def clear(self, request: dict) -> None:
-        self._store.clear(_identity(request))
+        self._store.clear(_identity(self._fields(request, "/clear")))
 
     def retry(self, request: dict) -> dict:
         """Send one failed fire again, now, once, with its fire id; return its new log."""
-        identity = _identity(request)
+        identity = _identity(self._fields(request, "/retry"))
         key = _name(request.get("key"), "key")
         scheduled = float(_number(request.get("scheduled"), "scheduled", 0, 1e11))
         task = self._require(identity)
@@ -2646,7 +2722,7 @@ class Service:
 
     def preview(self, request: dict) -> list:
         """Return the next fires of a cron_time, each with what daylight saving did to it."""
-        zone_name = request.get("time_zone", "UTC")
+        zone_name = self._fields(request, "/preview").get("time_zone", "UTC")
         try:
             zone = load_zone(zone_name if isinstance(zone_name, str) else "")
         except ScheduleError as exc:
@@ -2798,8 +2874,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         token = self.server.config.token
         if token:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            # The scheme is case-insensitive (RFC 9110 11.1): "bearer x" is "Bearer x".
+            scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    given.strip().encode("utf-8", "replace"), token.encode()):
                 self._fail(401, "missing or wrong Authorization: Bearer <token>",
                            [("WWW-Authenticate", "Bearer")])
                 return

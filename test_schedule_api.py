@@ -280,6 +280,10 @@ def test_config_file_then_environment_then_flags(tmp_path):
     ("[storage]\nflush_interval = 0\n", "[storage] flush_interval"),
     ("[server]\nrequest_timeout = 0\n", "[server] request_timeout"),
     ("[server]\nlog_level = LOUD\n", "[server] log_level"),
+    ("[server]\nprot = 3000\n", "[server] prot: is not a known option; did you mean 'port'?"),
+    ("[sever]\nport = 3000\n", "[sever]: is not a known section; did you mean [server]?"),
+    ("[webhook]\nworkers = 32\n", "[webhook] workers: was replaced in 1.1 by max_connections"),
+    ("[DEFAULT]\nport = 1\n", "[DEFAULT]: is not used"),
 ])
 def test_config_rejects_bad_value_naming_the_option(tmp_path, text, named):
     ini = tmp_path / "config.ini"
@@ -526,6 +530,42 @@ def test_put_rejects_bad_fields_by_name_and_changes_nothing(sqlite_app, request_
     assert ok(sqlite_app.url, "/search", {"type": "put"})["hits"]["total"]["value"] == 0
 
 
+@pytest.mark.parametrize("path, request_, message", [
+    ("/put", {**task(), "strat": True}, "strat: is not a known field; did you mean 'start'?"),
+    ("/put", task(crontime="* * * * * *"),
+     "entries.index.crontime: is not a known field; did you mean 'cron_time'?"),
+    ("/put", task(retry={"attempt": 2}),
+     "entries.index.retry.attempt: is not a known field; did you mean 'attempts'?"),
+    ("/search", {"identiy": "x"}, "identiy: is not a known field; did you mean 'identity'?"),
+    ("/search", {"time": {"gt": 5}}, "time.gt: is not a known field; did you mean 'gte'?"),
+    ("/get", {"identity": "x", "zzz": 1}, "zzz: is not a known field"),
+    ("/running", {"identity": "x", "runing": False},
+     "runing: is not a known field; did you mean 'running'?"),
+    ("/all", {"x": 1}, "x: is not a known field"),
+    ("/preview", {"cron_time": "@hourly", "cout": 2},
+     "cout: is not a known field; did you mean 'count'?"),
+])
+def test_unknown_fields_are_refused_naming_the_nearest(sqlite_app, path, request_, message):
+    assert post(sqlite_app.url, path, request_)[1] == {"error": 1, "msg": message}
+    assert ok(sqlite_app.url, "/all") == []
+
+
+def test_get_reply_put_back_is_accepted(sqlite_app):
+    ok(sqlite_app.url, "/put", task(body={"a": 1}, headers={"X-A": "b"}))
+    got = ok(sqlite_app.url, "/get", {"identity": "test"})
+    ok(sqlite_app.url, "/put", got)
+    assert ok(sqlite_app.url, "/get", {"identity": "test"})["entries"] == got["entries"]
+
+
+def test_ignore_unknown_fields_brings_back_the_originals_leniency(sqlite_apps):
+    app = sqlite_apps.start(ignore_unknown_fields=True)
+    ok(app.url, "/put", {**task(retry={"attempts": 1, "extra": 1}), "strat": True})
+    assert ok(app.url, "/get", {"identity": "test"})["start"] is True  # "start" of task()
+    assert ok(app.url, "/search", {"identiy": "elsewhere"})["hits"]["total"]["value"] == 1
+    assert ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["retry"] == {
+        "attempts": 1}
+
+
 def test_rejected_put_leaves_the_existing_task_as_it_was(app):
     ok(app.url, "/put", task())
     before = ok(app.url, "/get", {"identity": "test"})
@@ -598,8 +638,10 @@ def test_token_guards_every_endpoint_but_health(apps):
     assert status == 401 and reply["error"] == 1
     status, _ = post(app.url, "/all", headers={"Authorization": "Bearer wrong"})
     assert status == 401
-    status, reply = post(app.url, "/all", headers={"Authorization": "Bearer s3cret"})
-    assert status == 200 and reply == {"error": 0, "data": []}
+    for given in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):  # RFC 9110 11.1
+        status, reply = post(app.url, "/all", headers={"Authorization": given})
+        assert status == 200 and reply == {"error": 0, "data": []}
+    assert post(app.url, "/all", headers={"Authorization": "Basic s3cret"})[0] == 401
     assert post(app.url, "/health", method="GET")[0] == 200
 
 
@@ -1674,7 +1716,8 @@ def test_readme_example_round_trip(app, receiver):
 
 @pytest.mark.parametrize("path", ["/get", "/running", "/delete"])
 def test_unknown_identity_is_an_error(app, path):
-    status, reply = post(app.url, path, {"identity": "ghost", "running": True})
+    request = {"identity": "ghost", **({"running": True} if path == "/running" else {})}
+    status, reply = post(app.url, path, request)
     assert status == 200 and reply == {"error": 1, "msg": "task 'ghost' not found"}
 
 
