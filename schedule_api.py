@@ -108,6 +108,8 @@ USER_AGENT = f"schedule-api/{__version__}"
 ZERO_DATE = "0001-01-01T00:00:00Z"  # what the original shows for "never" (Go's zero time)
 LOG_TYPES = ("put", "delete", "running", "success", "error")
 OVERLAP_POLICIES = ("allow", "forbid", "replace")
+METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")  # an entry's method; POST by default
+BODILESS_METHODS = ("GET", "DELETE")  # sent without a body (RFC 9110 9.3.1, 9.3.5)
 RETRY_DEFAULTS = {"attempts": 0, "backoff": 1.0, "max_backoff": 60.0, "max_duration": 300.0}
 RETRY_LIMITS = {"attempts": (0, 20), "backoff": (0.001, 3600), "max_backoff": (0.001, 86400),
                 "max_duration": (0.001, 86400)}  # (low, high) of each retry field
@@ -178,6 +180,7 @@ class Config:
     ignore_unknown_fields: bool = False
     data: str = "data"
     webhook_timeout: float = 10.0
+    max_timeout: float = 300.0
     max_connections: int = 1024
     max_connections_per_origin: int = 256
     idle_timeout: float = 30.0
@@ -215,6 +218,7 @@ CONFIG_KEYS = {
     ("storage", "flush_interval"): "flush_interval",
     ("storage", "log_retention_days"): "log_retention_days",
     ("webhook", "timeout"): "webhook_timeout",
+    ("webhook", "max_timeout"): "max_timeout",
     ("webhook", "max_connections"): "max_connections",
     ("webhook", "max_connections_per_origin"): "max_connections_per_origin",
     ("webhook", "idle_timeout"): "idle_timeout",
@@ -309,6 +313,8 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
             raise ValidationError(f"[webhook] {name}", "must be at least 1")
     if config.webhook_timeout <= 0:
         raise ValidationError("[webhook] timeout", "must be above 0")
+    if config.max_timeout < config.webhook_timeout:
+        raise ValidationError("[webhook] max_timeout", "must be at least [webhook] timeout")
     if config.retry_attempts > RETRY_LIMITS["attempts"][1]:
         raise ValidationError("[webhook] retry_attempts", "must be 0..20")
     for name, option in (("flush_interval", "[storage] flush_interval"),
@@ -626,7 +632,8 @@ class Schedules:
 @dataclasses.dataclass(slots=True)
 class Entry:
     """One webhook of a task. ``anchor`` is when an @every entry was put (UNIX seconds);
-    ``retry`` holds the retry fields the client gave (None: the configured default)."""
+    ``retry`` holds the retry fields the client gave (None: the configured default);
+    ``timeout`` the seconds a try may take (None: [webhook] timeout)."""
 
     cron_time: str
     url: str
@@ -635,6 +642,8 @@ class Entry:
     anchor: float = 0.0
     retry: dict | None = None
     overlap: str = "allow"
+    method: str = "POST"
+    timeout: float | None = None
 
     def public(self) -> dict:
         view = {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
@@ -644,6 +653,10 @@ class Entry:
             view["retry"] = self.retry
         if self.overlap != "allow":
             view["overlap"] = self.overlap
+        if self.method != "POST":
+            view["method"] = self.method
+        if self.timeout is not None:
+            view["timeout"] = self.timeout
         return view
 
     def retry_policy(self, default_attempts: int) -> dict:
@@ -679,7 +692,8 @@ class Task:
         # Interned: a store of 100,000 tasks repeats a few expressions, zones and URLs.
         entries = {key: Entry(sys.intern(e["cron_time"]), sys.intern(e["url"]),
                               e.get("headers"), e.get("body"), float(anchors.get(key, 0.0)),
-                              e.get("retry"), sys.intern(e.get("overlap", "allow")))
+                              e.get("retry"), sys.intern(e.get("overlap", "allow")),
+                              sys.intern(e.get("method", "POST")), e.get("timeout"))
                    for key, e in doc["entries"].items()}
         return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
 
@@ -697,8 +711,8 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
 # leniency. An entry may carry next_date and last_date: /get's reply put back is a valid /put.
 REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     "/put": ("identity", "time_zone", "start", "entries"),
-    "/put entries.*": ("cron_time", "url", "headers", "body", "retry", "overlap", "next_date",
-                       "last_date"),
+    "/put entries.*": ("cron_time", "url", "method", "headers", "body", "timeout", "retry",
+                       "overlap", "next_date", "last_date"),
     "/put entries.*.retry": tuple(RETRY_LIMITS),
     "/get": ("identity",),
     "/all": (),
@@ -806,13 +820,13 @@ def _headers(value: Any, field: str) -> dict | None:
 
 
 def validate_task(request: Any, now: float, schedules: Schedules | None = None,
-                  strict: bool = True) -> Task:
+                  strict: bool = True, max_timeout: float = Config.max_timeout) -> Task:
     """Turn a /put request into a Task, or raise ValidationError naming the field.
 
     ``now`` becomes the anchor of @every entries. ``start`` defaults to false and
     ``time_zone`` to "UTC", as the original's zero values. Cron times are parsed through
     ``schedules``, so that the scheduler finds them parsed. ``strict``: unknown fields are
-    refused (check_fields).
+    refused (check_fields). An entry's ``timeout`` may be up to ``max_timeout`` seconds.
     """
     schedules = schedules or Schedules()
     if not isinstance(request, dict):
@@ -845,15 +859,25 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
         except ScheduleError as exc:
             raise ValidationError(f"{field}.cron_time", str(exc)) from None
         _check_json(spec.get("body"), f"{field}.body")
-        overlap = spec.get("overlap", "allow")
-        if overlap not in OVERLAP_POLICIES:
-            raise ValidationError(f"{field}.overlap", f"must be one of {', '.join(OVERLAP_POLICIES)}")
+        overlap = _choice(spec.get("overlap", "allow"), f"{field}.overlap", OVERLAP_POLICIES)
+        method = _choice(spec.get("method", "POST"), f"{field}.method", METHODS)
+        if method in BODILESS_METHODS and spec.get("body") is not None:
+            raise ValidationError(f"{field}.body", f"a {method} webhook is sent without a body")
+        timeout = spec.get("timeout")
+        if timeout is not None:
+            timeout = float(_number(timeout, f"{field}.timeout", 0.001, max_timeout))
         entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
                              retry=_retry(spec.get("retry"), f"{field}.retry", strict),
-                             overlap=overlap)
+                             overlap=overlap, method=method, timeout=timeout)
     return Task(identity, zone_name, start, entries)
+
+
+def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValidationError(field, f"must be one of {', '.join(choices)}")
+    return value
 
 
 def _number(value: Any, field: str, low: float, high: float) -> float:
@@ -1695,8 +1719,9 @@ class Webhook:
             headers["content-type"] = ("Content-Type", "application/json")
         for name, value in (entry.headers or {}).items():  # the entry's own win over ours
             headers[name.lower()] = (name, value)
-        headers["content-length"] = ("Content-Length", str(len(self.body)))
-        self.head = (f"POST {target} HTTP/1.1\r\n" + "".join(
+        if entry.method not in BODILESS_METHODS:
+            headers["content-length"] = ("Content-Length", str(len(self.body)))
+        self.head = (f"{entry.method} {target} HTTP/1.1\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.values())).encode("latin-1")
         self.origin = (parts.scheme, self.host, self.port, self.proxy)
 
@@ -1737,6 +1762,8 @@ def fire_log(webhook: Webhook, scheduled: float, tries: list[dict], reason: str 
     last = tries[-1] if tries else {"status": None, "response": None, "error": None,
                                     "duration_ms": 0.0}
     entry = webhook.entry
+    if entry.method != "POST":
+        extra["method"] = entry.method
     fields = {"key": webhook.key, "url": entry.url, "header": entry.headers, "body": entry.body,
               "status": last["status"], "response": last["response"],
               "scheduled": scheduled, "duration_ms": last["duration_ms"],
@@ -2488,7 +2515,8 @@ class Scheduler:
         ready = []
         for fire in fires:
             fire.webhook = fire.webhook or self._webhook(fire.slot)
-            reason, timeout = self._stopped(fire), self._webhooks.timeout
+            reason = self._stopped(fire)
+            timeout = fire.webhook.entry.timeout or self._webhooks.timeout
             if reason is None and fire.policy["attempts"]:
                 left = fire.scheduled + fire.policy["max_duration"] - now
                 if left < 0:
@@ -2626,7 +2654,7 @@ class Service:
         # @every counts from the put's whole second: its fires fall on whole seconds, as in
         # robfig/cron, and X-Schedule-Time (whole seconds) names them exactly.
         task = validate_task(request, math.floor(self._clock.now()), self._schedules,
-                             self._strict)
+                             self._strict, self._config.max_timeout)
         with self._lock:
             old = self._scheduler.task(task.identity)
             dates = self._scheduler.dates(task.identity)
@@ -2708,11 +2736,11 @@ class Service:
             raise ValidationError("scheduled", "that fire has succeeded since")
         webhook = Webhook(identity, key, entry, load_zone(task.time_zone),
                           self._webhooks.proxies)
-        fire = Fire(webhook, scheduled, timeout=self._webhooks.timeout)
+        fire = Fire(webhook, scheduled, timeout=entry.timeout or self._webhooks.timeout)
         answer: concurrent.futures.Future = concurrent.futures.Future()
         sent_at = self._clock.now()
         self._webhooks.send([fire], lambda _, outcome: answer.set_result(outcome))
-        outcome = answer.result(self._webhooks.timeout + 10)
+        outcome = answer.result(fire.timeout + 10)
         if outcome is None:
             raise ValidationError("", "the service is shutting down; try again after it")
         outcome["at"] = sent_at

@@ -94,7 +94,8 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with outer.lock:
                     outer.requests.append({"path": self.path, "headers": dict(self.headers),
-                                           "body": body, "at": time.time()})
+                                           "body": body, "at": time.time(),
+                                           "method": self.command})
                     tries = sum(1 for r in outer.requests if r["headers"].get(
                         "X-Schedule-Fire-Id") == self.headers.get("X-Schedule-Fire-Id"))
                 if self.path in ("/slow", "/hang"):
@@ -121,6 +122,8 @@ class Receiver:
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
+
+            do_GET = do_PUT = do_PATCH = do_DELETE = do_POST
 
             def log_message(self, *args):
                 pass
@@ -1521,6 +1524,13 @@ def test_preview_rejects_bad_fields(sqlite_app, request_, field):
     ({"retry": {"max_duration": 10 ** 400}}, "entries.index.retry.max_duration"),
     ({"retry": {"tries": 2}}, "entries.index.retry.tries"),
     ({"overlap": "sometimes"}, "entries.index.overlap"),
+    ({"method": "get"}, "entries.index.method"),
+    ({"method": "HEAD"}, "entries.index.method"),
+    ({"method": "GET", "body": {"a": 1}}, "entries.index.body"),
+    ({"method": "DELETE", "body": "x"}, "entries.index.body"),
+    ({"timeout": 0}, "entries.index.timeout"),
+    ({"timeout": 301}, "entries.index.timeout"),
+    ({"timeout": "5"}, "entries.index.timeout"),
 ])
 def test_put_rejects_bad_delivery_fields(sqlite_app, entry, field):
     reply = post(sqlite_app.url, "/put", task(**entry))[1]
@@ -1531,12 +1541,39 @@ def test_put_rejects_bad_delivery_fields(sqlite_app, entry, field):
 def test_delivery_fields_are_returned_and_survive_a_restart(apps):
     app = apps.start()
     retry = {"attempts": 3, "backoff": 2, "max_backoff": 10, "max_duration": 60}
-    ok(app.url, "/put", task(retry=retry, overlap="replace"))
+    ok(app.url, "/put", task(retry=retry, overlap="replace", method="PATCH", timeout=2.5))
     index = app.config.es_default_index
     apps.stop(app)
     app = apps.start(index=index)
     entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
     assert entry["retry"] == retry and entry["overlap"] == "replace"
+    assert entry["method"] == "PATCH" and entry["timeout"] == 2.5
+
+
+@pytest.mark.parametrize("method, body", [("GET", None), ("DELETE", None), ("PUT", {"a": 1}),
+                                          ("PATCH", None)])
+def test_entries_send_their_method(apps, receiver, method, body):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/m", method=method, body=body))
+    logs = run_fire(app, clock, 1)
+    got = receiver.received("/m")[0]
+    assert got["method"] == method and logs[0]["type"] == "success"
+    assert logs[0]["method"] == method
+    if body is None:
+        assert got["body"] == b"" and "Content-Type" not in got["headers"]
+        assert ("Content-Length" in got["headers"]) == (method not in ("GET", "DELETE"))
+    else:
+        assert json.loads(got["body"]) == body
+
+
+def test_an_entrys_timeout_replaces_the_configured_one(sqlite_apps, receiver):
+    app, clock = fake_app(sqlite_apps, webhook_timeout=10)
+    ok(app.url, "/put", hourly(receiver, "/slow", timeout=0.5))
+    started = time.monotonic()
+    logs = run_fire(app, clock, 1)
+    assert logs[0]["message"] == ["request failed: timed out waiting for the reply"]
+    assert time.monotonic() - started < 2.5 and logs[0]["duration_ms"] < 1500
+    assert "method" not in logs[0]  # POST, the default, is not repeated in every log
 
 
 def test_waits_for_an_unreachable_cluster_answering_health_meanwhile(tmp_path):
