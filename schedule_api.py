@@ -41,6 +41,7 @@ import hashlib
 import heapq
 import hmac
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
@@ -49,6 +50,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import sys
@@ -798,6 +800,12 @@ def _url(value: Any, field: str) -> str:
     return value
 
 
+def reserved_header(name: str) -> bool:
+    """Return True for a header name the service sets itself (FORBIDDEN_HEADERS, X-Schedule-*)."""
+    lowered = name.lower()
+    return lowered in FORBIDDEN_HEADERS or lowered.startswith("x-schedule-")
+
+
 def _headers(value: Any, field: str) -> dict | None:
     if value is None:
         return None
@@ -808,7 +816,7 @@ def _headers(value: Any, field: str) -> dict | None:
     for name, text in value.items():
         if not HEADER_NAME.fullmatch(name):
             raise ValidationError(field, f"{name!r} is not a valid header name")
-        if name.lower() in FORBIDDEN_HEADERS or name.lower().startswith("x-schedule-"):
+        if reserved_header(name):
             raise ValidationError(f"{field}.{name}", "is set by the service and cannot be given")
         if not isinstance(text, str):
             raise ValidationError(f"{field}.{name}", "must be a string")
@@ -1611,6 +1619,8 @@ _HEAD_LIMIT = 64 << 10  # bytes: a reply's status line and headers, at most
 _DRAIN_LIMIT = 1 << 20  # bytes: a reply's body beyond max_response_bytes read and dropped, at
 #                         most, to keep its connection; past it the connection is closed
 _URL_SAFE = "".join(chr(c) for c in range(33, 127))  # quote() only what HTTP cannot carry
+_DNS_TTL = 10.0  # seconds a host name's addresses are reused before it is looked up again
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # RFC 9112 7.1: HEXDIG, nothing else
 
 
 def rfc3339(instant: float | None, zone: ZoneInfo) -> str:
@@ -1659,6 +1669,14 @@ def _header_value(text: str) -> str:
         return urllib.parse.quote(text, safe=_URL_SAFE)
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _proxy_for(scheme: str, host: str, proxies: dict[str, str]
                ) -> tuple[str, int, str | None] | None:
     """Return (host, port, Proxy-Authorization) of the proxy urllib would use for a URL,
@@ -1683,8 +1701,8 @@ class Webhook:
     its fires fail with that message. ``proxies`` is urllib.request.getproxies(), read once
     by Webhooks (it costs 35 us: most of building a Webhook)."""
 
-    __slots__ = ("authority", "body", "entry", "head", "host", "identity", "key", "origin",
-                 "port", "problem", "proxy", "tls", "zone")
+    __slots__ = ("authority", "body", "entry", "head", "host", "identity", "key", "literal",
+                 "origin", "port", "problem", "proxy", "tls", "zone")
 
     def __init__(self, identity: str, key: str, entry: Entry, zone: ZoneInfo,
                  proxies: dict[str, str]):
@@ -1701,24 +1719,28 @@ class Webhook:
             self.problem = f"invalid URL: {exc}"
             self.head, self.origin, self.proxy = b"", None, None
             return
-        self.authority = f"[{self.host}]" if ":" in self.host else self.host
-        if parts.port is not None:
-            self.authority += f":{self.port}"
+        self.literal = _is_address(self.host)  # no name to look up
+        # host:port, always: what CONNECT needs (RFC 9112 3.2.3); Host omits a default port.
+        self.authority = f"[{self.host}]:{self.port}" if ":" in self.host else \
+            f"{self.host}:{self.port}"
+        host_header = self.authority if parts.port is not None else \
+            self.authority.rpartition(":")[0]
         target = urllib.parse.quote(parts.path or "/", safe=_URL_SAFE)
         if parts.query:
             target += "?" + urllib.parse.quote(parts.query, safe=_URL_SAFE)
         self.proxy = _proxy_for(parts.scheme, self.host, proxies)
-        headers = {"host": ("Host", self.authority), "user-agent": ("User-Agent", USER_AGENT),
+        headers = {"host": ("Host", host_header), "user-agent": ("User-Agent", USER_AGENT),
                    "x-schedule-identity": ("X-Schedule-Identity", _header_value(identity)),
                    "x-schedule-key": ("X-Schedule-Key", _header_value(key))}
         if self.proxy and not self.tls:  # a plain proxy takes the whole URL (RFC 9112 3.2.2)
-            target = f"http://{self.authority}{target}"
+            target = f"http://{host_header}{target}"
             if self.proxy[2]:
                 headers["proxy-authorization"] = ("Proxy-Authorization", self.proxy[2])
         if entry.body is not None:
             headers["content-type"] = ("Content-Type", "application/json")
         for name, value in (entry.headers or {}).items():  # the entry's own win over ours
-            headers[name.lower()] = (name, value)
+            if not reserved_header(name):  # (a task stored before 1.1 may have one)
+                headers[name.lower()] = (name, value)
         if entry.method not in BODILESS_METHODS:
             headers["content-length"] = ("Content-Length", str(len(self.body)))
         self.head = (f"{entry.method} {target} HTTP/1.1\r\n" + "".join(
@@ -1740,8 +1762,8 @@ class Fire:
     due, its tries so far, and what the scheduler keeps of it (slot, generation, retry
     policy, why it must stop, whether it is done or waits on the heap for a retry)."""
 
-    __slots__ = ("done", "gen", "policy", "queued", "scheduled", "sent_at", "slot", "stop",
-                 "timeout", "tries", "webhook")
+    __slots__ = ("deadline", "done", "gen", "policy", "queued", "scheduled", "sent_at", "slot",
+                 "stop", "timeout", "tries", "webhook")
 
     def __init__(self, webhook: Webhook, scheduled: float, policy: dict | None = None,
                  slot: Any = None, timeout: float = 10.0):
@@ -1749,6 +1771,7 @@ class Fire:
         self.slot, self.gen = slot, slot.gen if slot is not None else 0
         self.tries: list[dict] = []
         self.timeout = timeout  # seconds the next try may take, all included
+        self.deadline: float | None = None  # time.monotonic() past which no try may start
         self.sent_at = 0.0  # when the current try was handed over (the scheduler's clock)
         self.stop: str | None = None  # why no more tries may be made (overlap policy)
         self.done = False
@@ -1841,54 +1864,73 @@ def _reply_value(data: bytes, limit: int) -> Any:
     return text
 
 
-async def _read_chunked(reader: asyncio.StreamReader, keep: int) -> tuple[bytes, bool]:
-    """Read a chunked body; return its first ``keep`` bytes and whether the connection can
-    serve another request (False when the body ran past keep + _DRAIN_LIMIT)."""
+class _Reply:
+    """A reply as far as it was read: its head, then ``body`` (the part a log keeps) once
+    that is in, and ``reusable`` once the rest was read too (or is known to be unreadable)."""
+
+    __slots__ = ("body", "headers", "reason", "reusable", "status", "version")
+
+    def __init__(self, head: bytes):
+        self.version, self.status, self.reason, self.headers = _parse_head(head)
+        self.body: bytes | None = None
+        self.reusable = False
+
+
+async def _read_chunked(reader: asyncio.StreamReader, reply: _Reply, keep: int) -> None:
     kept, total = bytearray(), 0
     while True:
-        line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _BadReply(f"bad chunk size {size_text[:20]!r}") from None
+        size_text = (await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise _BadReply(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
+            reply.body = bytes(kept)
             while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, dropped
                 pass
-            return bytes(kept), True
+            reply.reusable = True
+            return
         total += size
         if total > keep + _DRAIN_LIMIT:
-            return bytes(kept), False
-        chunk = await reader.readexactly(size + 2)  # the chunk and its CRLF
-        if len(kept) < keep:
-            kept += chunk[:min(size, keep - len(kept))]
+            reply.body = bytes(kept)
+            return
+        chunk = await reader.readexactly(size + 2)
+        if chunk[-2:] != b"\r\n":
+            raise _BadReply("a chunk is not followed by CRLF")
+        kept += chunk[:max(0, min(size, keep - len(kept)))]
+        if len(kept) >= keep and reply.body is None:
+            reply.body = bytes(kept)  # the log's part is in: the rest is only drained
 
 
-async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[str, str],
-                     keep: int) -> tuple[bytes, bool]:
-    """Read a reply's body (RFC 9112 6.3); return its first ``keep`` bytes and whether the
-    connection can serve another request."""
-    if status in (204, 304) or status < 200:
-        return b"", True
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body, whole = await _read_chunked(reader, keep)
-        return body, whole and "content-length" not in headers  # both: smuggling, RFC 9112
+async def _read_body(reader: asyncio.StreamReader, reply: _Reply, keep: int) -> None:
+    """Read a reply's body (RFC 9112 6.3) into ``reply``: its first ``keep`` bytes, then up
+    to _DRAIN_LIMIT more to keep the connection."""
+    headers = reply.headers
+    if reply.status in (204, 304) or reply.status < 200:
+        reply.body, reply.reusable = b"", True
+        return
+    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",")]
+    if codings[-1] == "chunked":
+        await _read_chunked(reader, reply, keep)
+        # Both framings at once is how requests are smuggled (RFC 9112 6.1): never reuse.
+        reply.reusable = reply.reusable and "content-length" not in headers
+        return
     length_text = headers.get("content-length")
-    if length_text is None:  # the body runs until the receiver closes
+    if length_text is None or codings != [""]:  # the body runs until the receiver closes
         body = bytearray()
         while len(body) < keep and (chunk := await reader.read(65536)):
             body += chunk
-        return bytes(body[:keep]), False
+        reply.body = bytes(body[:keep])
+        return
     if not (length_text.isascii() and length_text.isdigit()):
         raise _BadReply(f"bad Content-Length {length_text[:20]!r}")
     length = int(length_text)
-    body = await reader.readexactly(min(length, keep))
-    rest = length - len(body)
+    reply.body = await reader.readexactly(min(length, keep))
+    rest = length - len(reply.body)
     if rest > _DRAIN_LIMIT:
-        return body, False
+        return
     while rest:
         rest -= len(await reader.readexactly(min(rest, 65536)))
-    return body, True
+    reply.reusable = True
 
 
 class _Connection:
@@ -1955,8 +1997,9 @@ class Webhooks:
         self._max_response = config.max_response_bytes
         self._secrets = tuple(secret.strip() for secret in config.signing_secret.split(",")
                               if secret.strip())
-        self._per_origin = config.max_connections_per_origin
+        # One origin may not hold every connection: at least one stays for the others.
         self._total = config.max_connections
+        self._per_origin = max(1, min(config.max_connections_per_origin, self._total - 1))
         self._idle_timeout = config.idle_timeout
         self._tls = ssl.create_default_context()  # verification and SNI, as urllib does
         if config.webhook_ca_certs:
@@ -1969,6 +2012,13 @@ class Webhooks:
         self._waiting: list[tuple] = []  # heap of fires held back by max_connections
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        self._resent = 0  # tries sent again after a kept-alive connection turned out closed
+        # Host names are looked up in a pool of our own, one lookup per name at a time and
+        # kept _DNS_TTL s: asyncio's default pool has 6 threads on 2 cores, and a few fires
+        # to a name whose lookup hangs would hold them all, and with them every other name.
+        self._resolver = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="dns")
+        self._addresses: dict[tuple[str, int], tuple[float, list]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Future] = {}
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
@@ -2012,7 +2062,8 @@ class Webhooks:
         """Return fires in flight, fires waiting for a connection, and open connections."""
         waiting = len(self._waiting) + sum(len(o.waiting) for o in list(self._origins.values()))
         return {"webhooks_in_flight": self._busy, "webhooks_waiting": waiting,
-                "connections_open": self._open[0], "connections_idle": len(self._idle)}
+                "webhooks_resent": self._resent, "connections_open": self._open[0],
+                "connections_idle": len(self._idle)}
 
     # -- on the loop's thread --
 
@@ -2082,13 +2133,18 @@ class Webhooks:
 
     async def _exchange(self, origin: _Origin, fire: Fire) -> tuple[dict, _Connection | None]:
         """Make one try; return its outcome and the connection to keep (None: closed)."""
-        webhook = fire.webhook
+        webhook, timeout = fire.webhook, fire.timeout
         if webhook.problem:
             return _failed(f"request failed: {webhook.problem}"), None
+        if fire.deadline is not None:  # max_duration also runs while a fire waits its turn
+            timeout = min(timeout, fire.deadline - time.monotonic())
+            if timeout <= 0:
+                return _failed("not sent: max_duration ran out while it waited for a "
+                               "connection"), None
         data = webhook.encode(fire.scheduled, len(fire.tries) + 1, self._secrets)
-        phase, conn = "connecting", self._take_idle(origin)
+        phase, conn, reply = "connecting", self._take_idle(origin), None
         try:
-            async with asyncio.timeout(fire.timeout):
+            async with asyncio.timeout(timeout):
                 while True:
                     if conn is None:
                         phase = "connecting"
@@ -2098,61 +2154,90 @@ class Webhooks:
                     phase = "waiting for the reply"
                     conn.writer.write(data)
                     try:
-                        version, status, reason, headers = await self._read_head(conn.reader)
-                        break
+                        reply = _Reply(await conn.reader.readuntil(b"\r\n\r\n"))
                     except (asyncio.IncompleteReadError, ConnectionError) as exc:
                         if not conn.used or getattr(exc, "partial", b""):
                             raise
-                        conn.close()  # closed by the receiver while idle: once more, anew
-                        conn = None
+                    # A kept-alive connection the receiver closed while it was idle (or timed
+                    # out with a 408, as Go's transport also reads it): the request did not
+                    # arrive. Once more, as the same try, on a new connection.
+                    if reply is not None and not (conn.used and reply.status == 408):
+                        break
+                    conn.close()
+                    conn, reply = None, None
+                    self._resent += 1
                 conn.used = True
+                while 100 <= reply.status < 200 and reply.status != 101:  # RFC 9110 15.2
+                    reply = _Reply(await conn.reader.readuntil(b"\r\n\r\n"))
                 phase = "reading the reply"
-                body, reusable = await _read_body(conn.reader, status, headers,
-                                                  self._max_response + 1)
-        except TimeoutError:
-            error = f"request failed: timed out {phase}"
-        except asyncio.IncompleteReadError:
-            error = f"request failed: the connection closed while {phase}"
+                await _read_body(conn.reader, reply, self._max_response + 1)
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            if reply is None or reply.body is None:
+                if conn:
+                    conn.close()
+                error = (f"timed out {phase}" if isinstance(exc, TimeoutError) else
+                         f"the connection closed while {phase}")
+                return {**_failed(f"request failed: {error}"),
+                        "status": reply and reply.status}, None
+            reply.reusable = False  # the part a log keeps is in; the rest was not
         except asyncio.LimitOverrunError:
-            error = f"request failed: reply headers over {_HEAD_LIMIT} bytes"
+            conn.close()
+            return _failed(f"request failed: reply headers over {_HEAD_LIMIT} bytes"), None
         except (OSError, ValueError, EOFError) as exc:
-            error = f"request failed: {exc or type(exc).__name__}"
+            if conn:
+                conn.close()
+            return _failed(f"request failed: {exc or type(exc).__name__}"), None
         except BaseException:  # cancelled at shutdown
-            if conn is not None:
+            if conn:
                 conn.close()
             raise
-        else:
-            reusable = (reusable and version == "HTTP/1.1" and self._idle_timeout > 0
-                        and "close" not in headers.get("connection", "").lower())
-            problem = None if 200 <= status < 300 else f"HTTP {status} {reason}".rstrip()
-            outcome = {"status": status, "response": _reply_value(body, self._max_response),
-                       "error": problem, "retry_after": None}
-            if status in (429, 503):
-                outcome["retry_after"] = _retry_after(headers.get("retry-after"))
-            if reusable:
-                return outcome, conn
-            conn.close(graceful=True)
-            return outcome, None
-        if conn is not None:
-            conn.close()
-        return _failed(error), None
+        outcome = {"status": reply.status, "error": None, "retry_after": None,
+                   "response": _reply_value(reply.body, self._max_response)}
+        if not 200 <= reply.status < 300:
+            outcome["error"] = f"HTTP {reply.status} {reply.reason}".rstrip()
+        if reply.status in (429, 503):
+            outcome["retry_after"] = _retry_after(reply.headers.get("retry-after"))
+        if (reply.reusable and reply.version == "HTTP/1.1" and reply.status != 101
+                and self._idle_timeout > 0
+                and "close" not in reply.headers.get("connection", "").lower()):
+            return outcome, conn
+        conn.close(graceful=True)
+        return outcome, None
 
-    @staticmethod
-    async def _read_head(reader: asyncio.StreamReader) -> tuple[str, int, str, dict]:
-        """Read a reply's head, skipping interim 1xx replies (RFC 9110 15.2)."""
-        while True:
-            version, status, reason, headers = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-            if not 100 <= status < 200 or status == 101:
-                return version, status, reason, headers
+    async def _resolve(self, host: str, port: int) -> list[tuple]:
+        """Return [(family, sockaddr)] of host:port, looked up at most once per _DNS_TTL."""
+        key = (host, port)
+        known = self._addresses.get(key)
+        if known and known[0] > self._loop.time():
+            return known[1]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = self._loop.run_in_executor(
+                self._resolver, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+            lookup.add_done_callback(lambda done: (self._lookups.pop(key, None),
+                                                   done.cancelled() or done.exception()))
+        infos = await asyncio.shield(lookup)  # a fire's timeout must not end the others' wait
+        found = [(family, address) for family, _, _, _, address in infos]
+        self._addresses[key] = (self._loop.time() + _DNS_TTL, found)
+        return found
 
     async def _connect(self, webhook: Webhook) -> _Connection:
         """Open a connection for the webhook: direct, through its proxy (plain), or through
         a CONNECT tunnel of its proxy (https), with TLS as the URL asks."""
         proxy = webhook.proxy
+        host, port = (proxy[0], proxy[1]) if proxy else (webhook.host, webhook.port)
         tls = self._tls if webhook.tls and not proxy else None
-        reader, writer = await asyncio.open_connection(
-            proxy[0] if proxy else webhook.host, proxy[1] if proxy else webhook.port,
-            ssl=tls, server_hostname=webhook.host if tls else None, limit=_HEAD_LIMIT)
+        addresses = [(0, (host, port))] if _is_address(host) else \
+            await self._resolve(host, port)
+        for i, (family, address) in enumerate(addresses):  # each address in turn
+            try:
+                reader, writer = await asyncio.open_connection(
+                    address[0], address[1], family=family, ssl=tls, limit=_HEAD_LIMIT,
+                    server_hostname=webhook.host if tls else None)
+                break
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
         conn = _Connection(reader, writer, self._open)
         if proxy and webhook.tls:
             try:
@@ -2194,6 +2279,8 @@ class Webhooks:
         for conn in [c for c in itertools.takewhile(
                 lambda c: now - c.idle_since >= self._idle_timeout, self._idle)]:
             self._drop_idle(conn)
+        for key in [k for k, (until, _) in self._addresses.items() if until <= now]:
+            del self._addresses[key]
         for key in [k for k, o in self._origins.items() if not (o.busy or o.idle or o.waiting)]:
             del self._origins[key]
         if not self._closed:
@@ -2215,6 +2302,7 @@ class Webhooks:
                 await asyncio.wait(pending, timeout=5)
         for conn in list(self._idle):
             self._drop_idle(conn)
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
 
 # Scheduler ##################################################################################
@@ -2522,6 +2610,7 @@ class Scheduler:
                 if left < 0:
                     reason = f"gave up: max_duration of {fire.policy['max_duration']:g} s reached"
                 timeout = max(0.1, min(timeout, left))
+                fire.deadline = time.monotonic() + left  # also while it waits its turn
             if reason is None:
                 fire.sent_at, fire.timeout = now, timeout
                 ready.append(fire)
@@ -2739,12 +2828,27 @@ class Service:
         fire = Fire(webhook, scheduled, timeout=entry.timeout or self._webhooks.timeout)
         answer: concurrent.futures.Future = concurrent.futures.Future()
         sent_at = self._clock.now()
-        self._webhooks.send([fire], lambda _, outcome: answer.set_result(outcome))
-        outcome = answer.result(fire.timeout + 10)
+
+        def tried(_: Fire, outcome: dict | None) -> None:
+            if answer.set_running_or_notify_cancel():
+                answer.set_result(outcome)
+            elif outcome is not None:  # the request stopped waiting: the log comes later
+                outcome["at"] = sent_at
+                self._writer.write(fire_log(webhook, scheduled, [outcome], retry_of=of))
+
+        of = found["error"][0]["_id"]
+        self._webhooks.send([fire], tried)
+        try:
+            outcome = answer.result(fire.timeout + 10)
+        except concurrent.futures.TimeoutError:
+            if answer.cancel():
+                raise ValidationError("", "the fire is still waiting for a connection to its "
+                                          "receiver; its log will say how it went") from None
+            outcome = answer.result()
         if outcome is None:
             raise ValidationError("", "the service is shutting down; try again after it")
         outcome["at"] = sent_at
-        record = fire_log(webhook, scheduled, [outcome], retry_of=found["error"][0]["_id"])
+        record = fire_log(webhook, scheduled, [outcome], retry_of=of)
         self._writer.write_now(record)
         return {**_public_log(record), "_id": record["_id"]}
 

@@ -997,6 +997,26 @@ def test_webhooks_send_once_more_when_a_reused_connection_was_closed(engine, ser
     assert server.connections == 2 and len(server.requests) == 3
     ids = [r["headers"]["X-Schedule-Fire-Id"] for r in server.requests]
     assert ids[1] == ids[2] != ids[0]  # the same try, sent again on a new connection
+    assert webhooks.stats()["webhooks_resent"] == 1
+
+
+@pytest.mark.parametrize("late, resent", [
+    (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", False),  # the request arrived: never sent twice
+])
+def test_webhooks_resend_after_a_408_on_an_idle_connection_only(engine, servers, late, resent):
+    def answer(sock, request, n):
+        if n == 1:
+            sock.sendall(RawServer.OK)
+            return True
+        sock.sendall(late)  # what the receiver says of the second request, then it hangs up
+        return False
+    server = servers(answer)
+    webhooks = engine()
+    send(webhooks, a_fire(server.url, 1000.0))
+    outcome, = send(webhooks, a_fire(server.url, 1001.0))
+    assert (outcome["error"] is None) == resent and len(server.requests) == 2 + resent
+    assert webhooks.stats()["webhooks_resent"] == resent
 
 
 def test_webhooks_do_not_resend_on_a_new_connection(engine, servers):
@@ -1020,6 +1040,7 @@ def test_webhooks_skip_a_connection_the_receiver_closed_while_idle(engine, serve
     second, = send(webhooks, a_fire(server.url, 1001.0))
     assert first["error"] is None and second["error"] is None
     assert server.connections == 2 and len(server.requests) == 2
+    assert webhooks.stats()["webhooks_resent"] == 0  # seen closed before a byte was sent
 
 
 @pytest.mark.parametrize("answer, phase", [
@@ -1033,6 +1054,68 @@ def test_webhooks_time_out_a_hanging_or_dripping_receiver(engine, servers, answe
     outcome, = send(engine(), a_fire(server.url, timeout=0.6))
     assert outcome["error"] == f"request failed: timed out {phase}"
     assert 0.5 < time.monotonic() - started < 2 and outcome["duration_ms"] < 1500
+
+
+def test_webhooks_keep_the_outcome_when_only_the_drain_is_slow(engine, servers):
+    def answer(sock, request, n):  # 200 with 900 KB: 70 KB at once, then a trickle
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 900000\r\n\r\n" + b"a" * 70_000)
+        time.sleep(3)
+        return False
+    server = servers(answer)
+    outcome, = send(engine(), a_fire(server.url, timeout=0.5))
+    assert outcome["status"] == 200 and outcome["error"] is None
+    assert outcome["response"] == "a" * 65536
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/2 200\r\n\r\n",
+])
+def test_webhooks_refuse_replies_that_break_http_framing(engine, servers, reply):
+    server = servers(lambda sock, request, n: sock.sendall(reply) or True)
+    outcome, = send(engine(), a_fire(server.url))
+    assert outcome["error"].startswith("request failed: ") and outcome["status"] is None
+
+
+def test_webhooks_give_up_on_a_fire_whose_max_duration_ran_out_while_it_waited(engine,
+                                                                                servers):
+    server = servers()
+    fire = a_fire(server.url)
+    fire.deadline = time.monotonic() - 0.1
+    outcome, = send(engine(), fire)
+    assert outcome["error"] == ("not sent: max_duration ran out while it waited for a "
+                                "connection") and server.requests == []
+
+
+def test_webhooks_look_up_a_slow_name_once_and_never_hold_other_names(engine, servers,
+                                                                     monkeypatch):
+    real, asked = socket.getaddrinfo, []
+
+    def getaddrinfo(host, *args, **kwargs):  # the system resolver, slow for one name
+        if host == "slow.test":
+            asked.append(host)
+            time.sleep(2)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    server, webhooks = servers(), engine()
+    slow = [a_fire("http://slow.test/", float(n), timeout=0.5) for n in range(20)]
+    started = time.monotonic()
+    webhooks.send(slow, lambda fire, outcome: None)
+    outcome, = send(webhooks, a_fire(f"http://localhost:{server.port}/", timeout=3))
+    assert outcome["error"] is None and time.monotonic() - started < 1.5
+    assert asked == ["slow.test"]  # one lookup for the twenty fires
+
+
+def test_one_hanging_origin_never_holds_every_connection(engine, servers):
+    hanging, healthy = servers(lambda sock, request, n: time.sleep(5)), servers()
+    webhooks = engine(max_connections=3, max_connections_per_origin=10)
+    webhooks.send([a_fire(hanging.url, float(n)) for n in range(5)], lambda f, o: None)
+    wait_until(lambda: len(hanging.requests) == 2, message="the hanging origin's share")
+    outcome, = send(webhooks, a_fire(healthy.url))
+    assert outcome["error"] is None and len(hanging.requests) == 2
 
 
 def make_certificate(folder):
@@ -1105,18 +1188,26 @@ def test_webhooks_go_through_the_proxy_urllib_would_use(engine, servers, tls_ser
             return False
         sock.sendall(RawServer.OK)
         return True
-    proxy, direct = servers(tunnel), servers()
+    def tunnel_or_refuse(sock, request, n):
+        if request["line"].startswith("CONNECT example.invalid"):
+            sock.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return False
+        return tunnel(sock, request, n)
+    proxy, direct = servers(tunnel_or_refuse), servers()
     monkeypatch.setenv("http_proxy", f"http://user:pw@127.0.0.1:{proxy.port}")
     monkeypatch.setenv("https_proxy", f"127.0.0.1:{proxy.port}")
     monkeypatch.setenv("no_proxy", "localhost")
     webhooks = engine(webhook_ca_certs=tls_server.ca)
-    plain, secure = send(webhooks, a_fire("http://example.invalid:8080/x"),
-                         a_fire(tls_server.url + "/y"))
+    plain, secure, refused = send(webhooks, a_fire("http://example.invalid:8080/x"),
+                                  a_fire(tls_server.url + "/y"),
+                                  a_fire("https://example.invalid/z"))
+    assert refused["error"] == "request failed: the proxy refused CONNECT: 502 Bad Gateway"
     bypass, = send(webhooks, a_fire(f"http://localhost:{direct.port}/z"))
     assert plain["error"] is None and secure["response"] == {"ok": True}
     assert bypass["error"] is None and direct.requests[0]["line"] == "POST /z HTTP/1.1"
     lines = sorted(r["line"] for r in proxy.requests)
     assert lines == [f"CONNECT 127.0.0.1:{tls_server.port} HTTP/1.1",
+                     "CONNECT example.invalid:443 HTTP/1.1",  # host:port, always
                      "POST http://example.invalid:8080/x HTTP/1.1"]
     forwarded = next(r for r in proxy.requests if r["line"].startswith("POST"))
     assert forwarded["headers"]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="
@@ -1148,6 +1239,9 @@ def test_webhook_headers_carry_any_identity_and_refuse_nothing_at_fire_time():
     long_label = "http://" + "ü" * 64 + ".example/"  # IDNA allows 63 octets a label
     bad = sa.Webhook("t", "k", sa.Entry("* * * * * *", long_label), sa.load_zone("UTC"), {})
     assert bad.problem and bad.problem.startswith("invalid URL")
+    stored = sa.Entry("* * * * * *", "http://127.0.0.1:9/", {"X-Schedule-Attempt": "7"})
+    head = sa.Webhook("t", "k", stored, sa.load_zone("UTC"), {}).encode(0.0, 1)
+    assert head.count(b"X-Schedule-Attempt") == 1  # a header stored before 1.1 is dropped
 
 
 # Scheduler with a fake clock ################################################################
