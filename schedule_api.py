@@ -23,8 +23,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
     /search   search the logs (put, delete, running, success, error)
     /clear    delete the logs of one task
 
-and ours: /retry (send a failed fire again), /preview (the next fires of a cron_time), and
-``GET /health`` for load balancers and Docker's HEALTHCHECK.
+and ours: /retry (send a failed fire again), /trigger (fire an entry now), /preview (the
+next fires of a cron_time), and ``GET /health`` for load balancers and Docker's HEALTHCHECK.
 """
 
 from __future__ import annotations
@@ -646,6 +646,7 @@ class Entry:
     overlap: str = "allow"
     method: str = "POST"
     timeout: float | None = None
+    running: bool = True  # False: this entry alone is paused (/running with a key)
 
     def public(self) -> dict:
         view = {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
@@ -659,6 +660,8 @@ class Entry:
             view["method"] = self.method
         if self.timeout is not None:
             view["timeout"] = self.timeout
+        if not self.running:
+            view["running"] = False
         return view
 
     def retry_policy(self, default_attempts: int) -> dict:
@@ -695,7 +698,8 @@ class Task:
         entries = {key: Entry(sys.intern(e["cron_time"]), sys.intern(e["url"]),
                               e.get("headers"), e.get("body"), float(anchors.get(key, 0.0)),
                               e.get("retry"), sys.intern(e.get("overlap", "allow")),
-                              sys.intern(e.get("method", "POST")), e.get("timeout"))
+                              sys.intern(e.get("method", "POST")), e.get("timeout"),
+                              bool(e.get("running", True)))
                    for key, e in doc["entries"].items()}
         return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
 
@@ -714,17 +718,18 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
 REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     "/put": ("identity", "time_zone", "start", "entries"),
     "/put entries.*": ("cron_time", "url", "method", "headers", "body", "timeout", "retry",
-                       "overlap", "next_date", "last_date"),
+                       "overlap", "running", "next_date", "last_date"),
     "/put entries.*.retry": tuple(RETRY_LIMITS),
     "/get": ("identity",),
     "/all": (),
     "/lists": ("identity",),
-    "/running": ("identity", "running"),
+    "/running": ("identity", "key", "running"),
     "/delete": ("identity",),
     "/search": ("type", "identity", "key", "scheduled", "time", "limit", "skip"),
     "/search time": ("gte", "lte"),
     "/clear": ("identity",),
     "/retry": ("identity", "key", "scheduled"),
+    "/trigger": ("identity", "key"),
     "/preview": ("cron_time", "time_zone", "count", "after"),
 }
 
@@ -878,7 +883,8 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
                              retry=_retry(spec.get("retry"), f"{field}.retry", strict),
-                             overlap=overlap, method=method, timeout=timeout)
+                             overlap=overlap, method=method, timeout=timeout,
+                             running=_bool(spec.get("running", True), f"{field}.running"))
     return Task(identity, zone_name, start, entries)
 
 
@@ -1763,7 +1769,7 @@ class Fire:
     policy, why it must stop, whether it is done or waits on the heap for a retry)."""
 
     __slots__ = ("deadline", "done", "gen", "policy", "queued", "scheduled", "sent_at", "slot",
-                 "stop", "timeout", "tries", "webhook")
+                 "stop", "timeout", "tries", "triggered", "webhook")
 
     def __init__(self, webhook: Webhook, scheduled: float, policy: dict | None = None,
                  slot: Any = None, timeout: float = 10.0):
@@ -1776,6 +1782,7 @@ class Fire:
         self.stop: str | None = None  # why no more tries may be made (overlap policy)
         self.done = False
         self.queued = False  # on the heap, waiting for its retry
+        self.triggered = False  # sent by /trigger, outside the entry's schedule
 
 
 def fire_log(webhook: Webhook, scheduled: float, tries: list[dict], reason: str | None = None,
@@ -2435,7 +2442,7 @@ class Scheduler:
                 before = old.get(key)
                 same = before is not None and carries_over(old_task, task, key)
                 slot.last = before.last if same else (last or {}).get(key)
-                if task.start:
+                if task.start and slot.entry.running:
                     self._arm(slot, now, before.next if same and before.running else None)
             for slot in old.values():
                 self._disarm(slot)
@@ -2444,23 +2451,33 @@ class Scheduler:
             self._compact()
             self._wake.set()
 
-    def set_running(self, identity: str, running: bool) -> bool:
-        """Pause or resume a task; return False if it does not exist. Resuming starts from
-        now: fires missed while paused are not replayed."""
+    def set_running(self, task: Task) -> None:
+        """Apply the running states of a task already here (``start``, and each entry's
+        ``running``): pause what stops, resume what runs again. Resuming starts from now:
+        fires missed while paused are not replayed. Raises KeyError for an unknown task."""
         with self._lock:
-            task = self._tasks.get(identity)
-            if task is None:
-                return False
-            self._tasks[identity] = dataclasses.replace(task, start=running)
+            slots = self._slots[task.identity]
+            self._tasks[task.identity] = task
             now = self._clock.now()
-            for slot in self._slots[identity].values():
-                if running and not slot.running:
-                    self._arm(slot, now)
-                elif not running:
+            for key, slot in slots.items():
+                slot.entry = task.entries[key]
+                if task.start and slot.entry.running:
+                    if not slot.running:
+                        self._arm(slot, now)
+                elif slot.running or slot.inflight:
                     self._disarm(slot)
             self._compact()
             self._wake.set()
-            return True
+
+    def trigger(self, identity: str, key: str) -> Fire:
+        """Fire an entry now, once, outside its schedule, with its retry policy; return the
+        fire (its ``scheduled`` is now). Raises KeyError for an unknown task or entry."""
+        with self._lock:
+            slot = self._slots[identity][key]
+            fire = Fire(slot.webhook, self._clock.now(), slot.policy, slot)
+            fire.triggered = True
+            self._queue_retry(fire, fire.scheduled)  # due at once, through the heap
+            return fire
 
     def delete(self, identity: str) -> bool:
         """Remove a task at once; return False if it did not exist."""
@@ -2645,9 +2662,12 @@ class Scheduler:
             if fire.slot.inflight is fire:
                 fire.slot.inflight = None
             self._busy -= handed
-        record = fire_log(fire.webhook, fire.scheduled, fire.tries, reason)
-        # When its entry version was put: the store keeps last fires per version.
-        record["_since"] = fire.webhook.entry.anchor
+        if fire.triggered:
+            record = fire_log(fire.webhook, fire.scheduled, fire.tries, reason, trigger=True)
+        else:
+            record = fire_log(fire.webhook, fire.scheduled, fire.tries, reason)
+            # When its entry version was put: the store keeps last fires per version.
+            record["_since"] = fire.webhook.entry.anchor
         log.debug("fired %s/%s: %s after %d tries", fire.webhook.identity, fire.webhook.key,
                   record["type"], len(fire.tries))
         self._sink(record)
@@ -2679,7 +2699,7 @@ class Scheduler:
 # Service ####################################################################################
 
 class Service:
-    """The eight operations of the API as plain methods; no HTTP in here.
+    """The operations of the API, the original's eight and ours, as plain methods; no HTTP.
 
     Each takes the request object and returns the reply's data (None for a plain "ok"), or
     raises ValidationError (the client's mistake; nothing changed) or StoreError (the store
@@ -2687,7 +2707,7 @@ class Service:
     """
 
     OPERATIONS = ("put", "get", "all", "lists", "running", "delete", "search", "clear",
-                  "retry", "preview")
+                  "retry", "preview", "trigger")
 
     def __init__(self, config: Config, store, writer: LogWriter, clock: Clock | None = None):
         self._config = config
@@ -2781,16 +2801,45 @@ class Service:
         return views
 
     def running(self, request: dict) -> None:
+        """Pause or resume a task, or with ``key`` one of its entries."""
         identity = _identity(self._fields(request, "/running"))
         running = _bool(request.get("running"), "running")
+        key = request.get("key")
         with self._lock:
             task = self._require(identity)
+            if key is None:
+                task = dataclasses.replace(task, start=running)
+            else:
+                entry = self._entry(task, key)
+                task = dataclasses.replace(task, entries={
+                    **task.entries, key: dataclasses.replace(entry, running=running)})
             last = {k: at for k, (_, at) in self._scheduler.dates(identity).items()
                     if at is not None}
-            self._store.save_task(dataclasses.replace(task, start=running).document(last))
-            self._scheduler.set_running(identity, running)
-        self._writer.write_now(make_log("running", identity,
-                                        body={"identity": identity, "running": running}))
+            self._store.save_task(task.document(last))
+            self._scheduler.set_running(task)
+        body = {"identity": identity, **({} if key is None else {"key": key}),
+                "running": running}
+        self._writer.write_now(make_log("running", identity, body=body))
+
+    def _entry(self, task: Task, key: Any) -> Entry:
+        entry = task.entries.get(_name(key, "key"))
+        if entry is None:
+            raise ValidationError("key", f"task {task.identity!r} has no entry {key!r}")
+        return entry
+
+    def trigger(self, request: dict) -> dict:
+        """Fire an entry now, once, outside its schedule (also when paused), with its
+        headers, body, signature and retry policy; its log carries "trigger": true. Returns
+        the fire's instant and id at once; the log says how it went."""
+        identity = _identity(self._fields(request, "/trigger"))
+        key = request.get("key")
+        self._entry(self._require(identity), key)
+        try:
+            fire = self._scheduler.trigger(identity, key)
+        except KeyError:  # deleted or replaced in between
+            raise NotFoundError(identity) from None
+        return {"identity": identity, "key": key, "scheduled": fire.scheduled,
+                "fire_id": fire_id(identity, key, fire.scheduled)}
 
     def delete(self, request: dict) -> None:
         identity = _identity(self._fields(request, "/delete"))
@@ -2813,9 +2862,7 @@ class Service:
         key = _name(request.get("key"), "key")
         scheduled = float(_number(request.get("scheduled"), "scheduled", 0, 1e11))
         task = self._require(identity)
-        entry = task.entries.get(key)
-        if entry is None:
-            raise ValidationError("key", f"task {identity!r} has no entry {key!r}")
+        entry = self._entry(task, key)
         found = {kind: self._store.search(validate_search(
             {"type": kind, "identity": identity, "key": key, "scheduled": scheduled,
              "limit": 1}))["records"] for kind in ("error", "success")}

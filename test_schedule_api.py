@@ -11,6 +11,7 @@ the scheduler on a fake clock; tests that must wait poll with a deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import http.server
 import json
@@ -1300,9 +1301,9 @@ def test_paused_task_never_fires_and_resume_does_not_replay(scheduler):
     scheduler.put(entries_task("p", "*/10 * * * * *", start=False))
     scheduler.put(entries_task("r", "*/10 * * * * *"))
     drive(scheduler, 30)
-    assert scheduler.set_running("r", False)
+    scheduler.set_running(dataclasses.replace(scheduler.task("r"), start=False))
     drive(scheduler, 30)
-    scheduler.set_running("r", True)
+    scheduler.set_running(dataclasses.replace(scheduler.task("r"), start=True))
     drive(scheduler, 20)
     wait_until(lambda: len(scheduler.fired) >= 5, message="fires")
     times = [t - START for i, _, t in scheduler.fired]
@@ -1563,6 +1564,56 @@ def test_retry_endpoint_resends_a_failed_fire_with_the_same_fire_id(apps, receiv
     reply = post(app.url, "/retry", {**request, "key": "nope"})[1]
     assert reply == {"error": 1, "msg": "key: task 'test' has no entry 'nope'"}
     assert len(receiver.received("/flaky/1")) == 2
+
+
+def test_trigger_fires_an_entry_now_once_with_its_retry_policy(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", hourly(receiver, "/flaky/1", start=False, body={"b": 1},
+                               retry={"attempts": 2, "backoff": 1}))
+    data = ok(app.url, "/trigger", {"identity": "test", "key": "index"})
+    assert data["scheduled"] == NOON - 1 and data["key"] == "index"
+    logs = run_fire(app, clock, 1)
+    assert len(logs) == 1 and logs[0]["type"] == "success" and logs[0]["trigger"] is True
+    assert logs[0]["attempts"] == 2 and logs[0]["scheduled"] == NOON - 1
+    got = receiver.received("/flaky/1")
+    assert [r["headers"]["X-Schedule-Fire-Id"] for r in got] == [data["fire_id"]] * 2
+    assert json.loads(got[0]["body"]) == {"b": 1}
+    entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
+    assert entry["last_date"] == sa.ZERO_DATE  # outside the schedule: last_date is the schedule's
+    reply = post(app.url, "/trigger", {"identity": "test", "key": "nope"})[1]
+    assert reply == {"error": 1, "msg": "key: task 'test' has no entry 'nope'"}
+    reply = post(app.url, "/trigger", {"identity": "ghost", "key": "index"})[1]
+    assert reply == {"error": 1, "msg": "task 'ghost' not found"}
+
+
+def test_running_with_a_key_pauses_and_resumes_one_entry(apps, receiver):
+    app, clock = fake_app(apps)
+    body = task(url=receiver.url + "/a", cron="*/10 * * * * *", zone="UTC")
+    body["entries"]["b"] = {"cron_time": "*/10 * * * * *", "url": receiver.url + "/b"}
+    ok(app.url, "/put", body)
+    ok(app.url, "/running", {"identity": "test", "key": "index", "running": False})
+    clock.advance(11)
+    receiver.wait_for(1, "/b")
+    entries = ok(app.url, "/get", {"identity": "test"})["entries"]
+    assert entries["index"]["running"] is False and entries["index"]["next_date"] == sa.ZERO_DATE
+    assert "running" not in entries["b"]
+    ok(app.url, "/running", {"identity": "test", "running": False})  # the task, then again
+    ok(app.url, "/running", {"identity": "test", "running": True})
+    assert ok(app.url, "/get", {"identity": "test"})["entries"]["index"]["running"] is False
+    index = app.config.es_default_index
+    apps.stop(app)
+    app, clock = fake_app(apps, index=index)
+    got = ok(app.url, "/get", {"identity": "test"})
+    assert got["entries"]["index"]["running"] is False and got["start"] is True
+    ok(app.url, "/put", got)  # /get's reply put back keeps the entry paused
+    ok(app.url, "/running", {"identity": "test", "key": "index", "running": True})
+    clock.advance(11)
+    receiver.wait_for(1, "/a")
+    reply = post(app.url, "/running", {"identity": "test", "key": "zz", "running": True})[1]
+    assert reply == {"error": 1, "msg": "key: task 'test' has no entry 'zz'"}
+    kinds = [h["_source"]["body"] for h in ok(app.url, "/search", {"type": "running"})[
+        "hits"]["hits"]]
+    assert {"identity": "test", "key": "index", "running": True} in kinds
 
 
 def preview(app, cron, zone, after, count=4):
