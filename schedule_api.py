@@ -108,7 +108,8 @@ log = logging.getLogger("schedule_api")
 
 USER_AGENT = f"schedule-api/{__version__}"
 ZERO_DATE = "0001-01-01T00:00:00Z"  # what the original shows for "never" (Go's zero time)
-LOG_TYPES = ("put", "delete", "running", "success", "error")
+LOG_TYPES = ("put", "delete", "running", "success", "error", "missed")
+MISFIRE_POLICIES = ("skip", "once")  # what an entry does with fires it missed
 OVERLAP_POLICIES = ("allow", "forbid", "replace")
 METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")  # an entry's method; POST by default
 BODILESS_METHODS = ("GET", "DELETE")  # sent without a body (RFC 9110 9.3.1, 9.3.5)
@@ -125,7 +126,8 @@ MAX_JSON_DEPTH = 64
 MAX_LISTS = 1000
 MAX_SEARCH_LIMIT = 100
 MAX_SEARCH_WINDOW = 10_000  # skip + limit, Elasticsearch's default max_result_window
-LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are skipped
+LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are missed
+MISSED_COUNT_LIMIT = 100  # missed instants counted one by one; past it a log says "more"
 TIMER_MAX_WAIT = 30.0  # seconds: the timer re-reads the clock at least this often
 # Headers a user may not set on a webhook: the service computes them, and a wrong one corrupts
 # the request (so do X-Schedule-*, the fire's own).
@@ -189,6 +191,7 @@ class Config:
     webhook_ca_certs: str = ""
     max_response_bytes: int = 64 << 10
     retry_attempts: int = 0
+    misfire_grace: float = 3600.0
     signing_secret: str = ""
     es_hosts: str = ""
     es_default_index: str = "schedule-service"
@@ -227,6 +230,7 @@ CONFIG_KEYS = {
     ("webhook", "ca_certs"): "webhook_ca_certs",
     ("webhook", "max_response_bytes"): "max_response_bytes",
     ("webhook", "retry_attempts"): "retry_attempts",
+    ("webhook", "misfire_grace"): "misfire_grace",
     ("webhook", "signing_secret"): "signing_secret",
     ("elasticsearch", "hosts"): "es_hosts",
     ("elasticsearch", "default_index"): "es_default_index",
@@ -600,6 +604,33 @@ def parse_schedule(cron_time: str, zone: ZoneInfo, anchor: float = 0.0):
     return schedule
 
 
+def missed_instants(schedule, after: float, until: float
+                    ) -> tuple[float, float, int, bool] | None:
+    """Return (first, last, count, more) of the schedule's instants in (after, until], or
+    None when there is none. Counted one by one up to MISSED_COUNT_LIMIT (``more``: there
+    were more); the last is then found by looking back from ``until`` in doubling steps,
+    so a month of every-second fires costs a few dozen next_after() calls, not millions."""
+    first = schedule.next_after(after)
+    if first > until:
+        return None
+    last, count = first, 1
+    while count < MISSED_COUNT_LIMIT:
+        following = schedule.next_after(last)
+        if following > until:
+            return first, last, count, False
+        last, count = following, count + 1
+    if schedule.next_after(last) > until:
+        return first, last, count, False
+    step = 1.0
+    while True:  # some instant lies in (until - step, until]: walk to the last of them
+        candidate = schedule.next_after(max(last, until - step))
+        if candidate <= until:
+            while (following := schedule.next_after(candidate)) <= until:
+                candidate = following
+            return first, candidate, count, True
+        step *= 2
+
+
 class Schedules:
     """Parsed schedules, shared by everything that asks: validation, the scheduler, /preview.
 
@@ -647,6 +678,8 @@ class Entry:
     method: str = "POST"
     timeout: float | None = None
     running: bool = True  # False: this entry alone is paused (/running with a key)
+    misfire: str = "skip"
+    misfire_grace: float | None = None  # None: [webhook] misfire_grace
 
     def public(self) -> dict:
         view = {"cron_time": self.cron_time, "url": self.url, "headers": self.headers,
@@ -662,6 +695,10 @@ class Entry:
             view["timeout"] = self.timeout
         if not self.running:
             view["running"] = False
+        if self.misfire != "skip":
+            view["misfire"] = self.misfire
+        if self.misfire_grace is not None:
+            view["misfire_grace"] = self.misfire_grace
         return view
 
     def retry_policy(self, default_attempts: int) -> dict:
@@ -699,7 +736,8 @@ class Task:
                               e.get("headers"), e.get("body"), float(anchors.get(key, 0.0)),
                               e.get("retry"), sys.intern(e.get("overlap", "allow")),
                               sys.intern(e.get("method", "POST")), e.get("timeout"),
-                              bool(e.get("running", True)))
+                              bool(e.get("running", True)), sys.intern(e.get("misfire", "skip")),
+                              e.get("misfire_grace"))
                    for key, e in doc["entries"].items()}
         return cls(doc["identity"], sys.intern(doc["time_zone"]), bool(doc["start"]), entries)
 
@@ -718,7 +756,8 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
 REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     "/put": ("identity", "time_zone", "start", "entries"),
     "/put entries.*": ("cron_time", "url", "method", "headers", "body", "timeout", "retry",
-                       "overlap", "running", "next_date", "last_date"),
+                       "overlap", "misfire", "misfire_grace", "running", "next_date",
+                       "last_date"),
     "/put entries.*.retry": tuple(RETRY_LIMITS),
     "/get": ("identity",),
     "/all": (),
@@ -879,12 +918,17 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
         timeout = spec.get("timeout")
         if timeout is not None:
             timeout = float(_number(timeout, f"{field}.timeout", 0.001, max_timeout))
+        grace = spec.get("misfire_grace")
+        if grace is not None:
+            grace = float(_number(grace, f"{field}.misfire_grace", 0, MAX_EVERY))
         entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
                              retry=_retry(spec.get("retry"), f"{field}.retry", strict),
                              overlap=overlap, method=method, timeout=timeout,
-                             running=_bool(spec.get("running", True), f"{field}.running"))
+                             running=_bool(spec.get("running", True), f"{field}.running"),
+                             misfire=_choice(spec.get("misfire", "skip"), f"{field}.misfire",
+                                             MISFIRE_POLICIES), misfire_grace=grace)
     return Task(identity, zone_name, start, entries)
 
 
@@ -1187,7 +1231,10 @@ class ElasticsearchStore:
         "scheduled": {"type": "double"}, "status": {"type": "integer"},
         "duration_ms": {"type": "float"}, "message": {"type": "text"},
         "attempts": {"type": "integer"}, "tries": {"type": "object", "enabled": False},
-        "retry_of": {"type": "keyword"},
+        "retry_of": {"type": "keyword"}, "trigger": {"type": "boolean"},
+        "first": {"type": "double"}, "last": {"type": "double"}, "count": {"type": "integer"},
+        "more": {"type": "boolean"}, "misfire": {"type": "keyword"}, "fired": {"type": "boolean"},
+        "method": {"type": "keyword"},
         "body": {"type": "object", "enabled": False},
         "header": {"type": "object", "enabled": False},
         "response": {"type": "object", "enabled": False}}}
@@ -2354,19 +2401,21 @@ class Scheduler:
     fires to ``webhooks.send`` in one call: it never does I/O and never waits on a webhook.
     When a try ends (on the webhooks' loop), ``_tried`` puts the fire's retry back on the
     heap, due after its backoff, so a waiting retry holds nothing; or hands the fire's one
-    log record to ``sink``. Fires missed while a task was paused or the service stopped are
-    not replayed; fires due while connections are busy go late, never dropped. After a jump
-    of more than LATE_REPLAY_LIMIT seconds (a suspended host), an entry fires once, late, and
-    its fires missed in between are skipped with a warning.
+    log record to ``sink``. Fires due while connections are busy go late, never dropped.
+    Fires missed while nothing fired (the service was down, the task or entry paused, the
+    host suspended past LATE_REPLAY_LIMIT) are found when the entry runs again: a "missed"
+    log says which, and an entry with misfire "once" fires the latest of them, late, if it
+    is at most misfire_grace old ("skip", the default, only logs them).
     """
 
     def __init__(self, webhooks: Webhooks, sink: Callable[[dict], None],
                  clock: Clock | None = None, retry_attempts: int = 0,
-                 schedules: Schedules | None = None):
+                 schedules: Schedules | None = None, misfire_grace: float = 3600.0):
         self._webhooks = webhooks
         self._sink = sink
         self._clock = clock or Clock()
         self._retry_attempts = retry_attempts
+        self._misfire_grace = misfire_grace
         # Shared by the entries that give no retry of their own (read only): a dict per
         # entry would be 23 MB for 100,000 of them.
         self._default_policy = Entry("", "").retry_policy(retry_attempts)
@@ -2418,6 +2467,38 @@ class Scheduler:
         slot.running = True
         heapq.heappush(self._heap, (slot.next, next(self._seq), slot))
 
+    def _catch_up(self, slot: _Slot, since: float, now: float, why: str) -> None:
+        """Account for the slot's instants in (since, now], which never fired (caller holds
+        the lock): log them as missed, and with misfire "once" queue the latest to fire now
+        if it is at most misfire_grace old. ``since`` 0 means unknown (a
+        hand-made task document without anchors): nothing is counted then."""
+        if not since:
+            return
+        try:
+            missed = missed_instants(slot.schedule, since, now)
+        except ScheduleError:
+            return
+        if missed is None:
+            return
+        first, last, count, more = missed
+        entry = slot.entry
+        grace = self._misfire_grace if entry.misfire_grace is None else entry.misfire_grace
+        late = entry.misfire == "once" and now - last <= grace
+        zone = slot.zone
+        what = (f"missed {count}{' or more' if more else ''} fire{'s' if count > 1 else ''} "
+                f"from {rfc3339(first, zone)}"
+                f" to {rfc3339(last, zone)} ({why}); misfire: {entry.misfire}")
+        if entry.misfire == "once":
+            what += (": the last one fires now, late" if late else
+                     f": the last one is over {grace:g} s old, not fired")
+        log.info("%s/%s %s", slot.identity, slot.key, what)
+        self._sink(make_log("missed", slot.identity, key=slot.key, url=entry.url, first=first,
+                            last=last, count=count, more=more, misfire=entry.misfire,
+                            fired=late, message=[what]))
+        if late:
+            slot.last = last
+            self._queue_retry(self._start_fire(slot, last), now)  # due at once, via the heap
+
     def put(self, task: Task, last: dict[str, float] | None = None,
             prepare: bool = True) -> None:
         """Add or replace a task. Entries whose schedule is unchanged keep their next fire
@@ -2443,7 +2524,12 @@ class Scheduler:
                 same = before is not None and carries_over(old_task, task, key)
                 slot.last = before.last if same else (last or {}).get(key)
                 if task.start and slot.entry.running:
-                    self._arm(slot, now, before.next if same and before.running else None)
+                    if same and before.running:
+                        self._arm(slot, now, before.next)
+                        continue
+                    self._catch_up(slot, max(slot.last or 0.0, slot.entry.anchor), now,
+                                   "the service was down, or the entry paused")
+                    self._arm(slot, now)
             for slot in old.values():
                 self._disarm(slot)
             self._tasks[task.identity] = task
@@ -2463,6 +2549,8 @@ class Scheduler:
                 slot.entry = task.entries[key]
                 if task.start and slot.entry.running:
                     if not slot.running:
+                        self._catch_up(slot, max(slot.last or 0.0, slot.entry.anchor), now,
+                                       "the entry was paused")
                         self._arm(slot, now)
                 elif slot.running or slot.inflight:
                     self._disarm(slot)
@@ -2567,20 +2655,23 @@ class Scheduler:
             if not slot.running or slot.next != at:
                 self._stale -= 1
                 continue
-            slot.last = at
             try:
-                following = slot.schedule.next_after(at)
-                if following < now - LATE_REPLAY_LIMIT:
-                    log.warning("%s/%s is %.0f s behind (host suspended?); skipping to now",
-                                slot.identity, slot.key, now - following)
+                if at < now - LATE_REPLAY_LIMIT:  # the host slept, or the clock jumped
+                    self._catch_up(slot, at - 0.5, now, f"{now - at:.0f} s behind: the host "
+                                                        "was suspended, or its clock jumped")
+                    at = None
                     following = slot.schedule.next_after(now)
+                else:
+                    slot.last = at
+                    following = slot.schedule.next_after(at)
             except Exception:
                 log.exception("no next fire for %s/%s", slot.identity, slot.key)
                 slot.running, slot.next = False, None
             else:
                 slot.next = following
                 heapq.heappush(self._heap, (following, next(self._seq), slot))
-            due.append(self._start_fire(slot, at))
+            if at is not None:
+                due.append(self._start_fire(slot, at))
         self._busy += len(due)
         return due
 
@@ -2717,7 +2808,8 @@ class Service:
         self._schedules = Schedules()
         self._webhooks = Webhooks(config)
         self._scheduler = Scheduler(self._webhooks, writer.write, self._clock,
-                                    config.retry_attempts, self._schedules)
+                                    config.retry_attempts, self._schedules,
+                                    config.misfire_grace)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
         self._strict = not config.ignore_unknown_fields
         self.ready = threading.Event()  # set once the stored tasks are loaded

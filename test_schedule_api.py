@@ -478,6 +478,18 @@ def test_every_counts_from_the_anchor_in_real_time_across_dst():
     assert schedule.next_after(anchor + 5400 * 10 + 1) == anchor + 5400 * 11
 
 
+@pytest.mark.parametrize("cron, after, until, expected", [
+    ("* * * * * *", 100, 110, (101, 110, 10, False)),
+    ("* * * * * *", 100, 100.5, None),
+    ("*/10 * * * * *", 95, 130, (100, 130, 4, False)),
+    ("* * * * * *", 0, 86400 * 30, (1, 86400 * 30, sa.MISSED_COUNT_LIMIT, True)),
+    ("0 0 3 * * *", 0, 86400 * 400, (3 * 3600, 399 * 86400 + 3 * 3600, 100, True)),
+])
+def test_missed_instants_counts_and_bounds_the_work(cron, after, until, expected):
+    schedule = sa.parse_schedule(cron, sa.load_zone("UTC"))
+    assert sa.missed_instants(schedule, after, until) == expected
+
+
 @pytest.mark.parametrize("duration, seconds", [
     ("5s", 5), ("1m30s", 90), ("2h", 7200), ("1.5h", 5400), ("500ms", 1), ("0s", 1),
     ("1500ms", 1), ("90s", 90), ("1h0m1s", 3601),
@@ -1260,7 +1272,8 @@ def scheduler():
 
     def sink(record):
         with lock:
-            fired.append((record["identity"], record["key"], record["scheduled"]))
+            if record["type"] in ("success", "error"):
+                fired.append((record["identity"], record["key"], record["scheduled"]))
     s = sa.Scheduler(sa.Webhooks(sa.Config(max_connections=1)), sink, clock)
     s.clock, s.fired = clock, fired
     s.start()
@@ -1616,6 +1629,76 @@ def test_running_with_a_key_pauses_and_resumes_one_entry(apps, receiver):
     assert {"identity": "test", "key": "index", "running": True} in kinds
 
 
+def missed_logs(app):
+    return [h["_source"] for h in ok(app.url, "/search", {"type": "missed"})["hits"]["hits"]]
+
+
+@pytest.mark.parametrize("misfire, grace, fired", [
+    ("once", None, True), ("skip", None, False), ("once", 2, False),
+])
+def test_fires_missed_while_the_service_was_down_follow_the_misfire_rule(
+        apps, receiver, misfire, grace, fired):
+    clock = FakeClock(NOON - 1)
+    app = apps.start(clock=clock)
+    extra = {"misfire_grace": grace} if grace is not None else {}
+    ok(app.url, "/put", task(url=receiver.url + "/m", cron="*/10 * * * * *", zone="UTC",
+                             misfire=misfire, **extra))
+    for n in (1, 2):
+        clock.advance(10 if n == 2 else 1)
+        receiver.wait_for(n, "/m")
+    index = app.config.es_default_index
+    apps.stop(app)
+    clock.advance(45)  # down from 12:00:10 to 12:00:55: 12:00:20 ... 12:00:50 never fire
+    app = apps.start(clock=clock, index=index)
+    missed = wait_until(lambda: missed_logs(app), message="a missed log")
+    assert len(missed) == 1
+    record = missed[0]
+    assert (record["first"], record["last"], record["count"]) == (NOON + 20, NOON + 50, 4)
+    assert record["key"] == "index" and record["misfire"] == misfire
+    assert record["fired"] is fired and record["more"] is False
+    assert "missed 4 fires from 2024-05-01T12:00:20Z to 2024-05-01T12:00:50Z" in \
+        record["message"][0]
+    if fired:
+        late = receiver.wait_for(3, "/m")[2]
+        assert late["headers"]["X-Schedule-Time"] == "2024-05-01T12:00:50Z"
+        wait_until(lambda: ok(app.url, "/get", {"identity": "test"})["entries"]["index"][
+            "last_date"] == "2024-05-01T12:00:50Z", message="last_date of the late fire")
+    clock.advance(5)  # 12:01:00 fires as scheduled
+    receiver.wait_for(3 + fired, "/m")
+    times = [r["headers"]["X-Schedule-Time"][11:19] for r in receiver.received("/m")]
+    assert times == ["12:00:00", "12:00:10"] + ["12:00:50"] * fired + ["12:01:00"]
+
+
+def test_a_resumed_entry_logs_what_it_missed_while_paused(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", task(url=receiver.url + "/p", cron="*/10 * * * * *", zone="UTC"))
+    clock.advance(1)
+    receiver.wait_for(1, "/p")
+    ok(app.url, "/running", {"identity": "test", "running": False})
+    clock.advance(30)
+    ok(app.url, "/running", {"identity": "test", "running": True})
+    record = wait_until(lambda: missed_logs(app), message="a missed log")[0]
+    assert (record["first"], record["last"], record["count"]) == (NOON + 10, NOON + 30, 3)
+    assert record["fired"] is False and "the entry was paused" in record["message"][0]
+    assert len(receiver.received("/p")) == 1
+
+
+def test_after_a_suspended_host_an_entry_catches_up_once(apps, receiver):
+    app, clock = fake_app(apps)
+    ok(app.url, "/put", task(url=receiver.url + "/s", cron="*/10 * * * * *", zone="UTC",
+                             misfire="once"))
+    clock.advance(1)
+    receiver.wait_for(1, "/s")
+    clock.advance(600)  # the host slept ten minutes
+    late = receiver.wait_for(2, "/s")[1]
+    assert late["headers"]["X-Schedule-Time"] == "2024-05-01T12:10:00Z"
+    record = wait_until(lambda: missed_logs(app), message="a missed log")[0]
+    assert (record["first"], record["last"], record["count"]) == (NOON + 10, NOON + 600, 60)
+    assert "behind: the host was suspended" in record["message"][0]
+    clock.advance(10)
+    assert receiver.wait_for(3, "/s")[2]["headers"]["X-Schedule-Time"] == "2024-05-01T12:10:10Z"
+
+
 def preview(app, cron, zone, after, count=4):
     data = ok(app.url, "/preview", {"cron_time": cron, "time_zone": zone, "count": count,
                                     "after": local(after, zone)})
@@ -1676,6 +1759,9 @@ def test_preview_rejects_bad_fields(sqlite_app, request_, field):
     ({"timeout": 0}, "entries.index.timeout"),
     ({"timeout": 301}, "entries.index.timeout"),
     ({"timeout": "5"}, "entries.index.timeout"),
+    ({"misfire": "twice"}, "entries.index.misfire"),
+    ({"misfire_grace": -1}, "entries.index.misfire_grace"),
+    ({"running": "no"}, "entries.index.running"),
 ])
 def test_put_rejects_bad_delivery_fields(sqlite_app, entry, field):
     reply = post(sqlite_app.url, "/put", task(**entry))[1]
@@ -1686,13 +1772,15 @@ def test_put_rejects_bad_delivery_fields(sqlite_app, entry, field):
 def test_delivery_fields_are_returned_and_survive_a_restart(apps):
     app = apps.start()
     retry = {"attempts": 3, "backoff": 2, "max_backoff": 10, "max_duration": 60}
-    ok(app.url, "/put", task(retry=retry, overlap="replace", method="PATCH", timeout=2.5))
+    ok(app.url, "/put", task(retry=retry, overlap="replace", method="PATCH", timeout=2.5,
+                             misfire="once", misfire_grace=30))
     index = app.config.es_default_index
     apps.stop(app)
     app = apps.start(index=index)
     entry = ok(app.url, "/get", {"identity": "test"})["entries"]["index"]
     assert entry["retry"] == retry and entry["overlap"] == "replace"
     assert entry["method"] == "PATCH" and entry["timeout"] == 2.5
+    assert entry["misfire"] == "once" and entry["misfire_grace"] == 30
 
 
 @pytest.mark.parametrize("method, body", [("GET", None), ("DELETE", None), ("PUT", {"a": 1}),
