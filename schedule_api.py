@@ -56,6 +56,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -3254,9 +3255,92 @@ def _raise_open_files_limit() -> None:
         log.debug("open files limit unchanged: %s", exc)
 
 
+def _call(base: str, path: str, body: dict, token: str = "") -> Any:
+    """POST a JSON body to an endpoint of a schedule-api (ours or the original); return the
+    reply's data, or raise ValidationError with the reply's message or the transport error."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base.rstrip("/") + path, json.dumps(body).encode(),
+                                     headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+        except ValueError:
+            raise ValidationError(path, f"HTTP {exc.code} from {base}") from None
+    except (OSError, ValueError) as exc:
+        raise ValidationError(path, f"{base} did not answer: {exc}") from None
+    if not isinstance(answer, dict) or answer.get("error") != 0:
+        raise ValidationError(path, str(answer.get("msg") if isinstance(answer, dict)
+                                        else answer))
+    return answer.get("data")
+
+
+def import_tasks(source: str, into: str, source_token: str = "", token: str = "",
+                 out=sys.stdout) -> tuple[int, int]:
+    """Copy every task of a running schedule-api at ``source`` (the Go original or ours)
+    into ours at ``into``, through their APIs: /all and /lists there, /put here, so each
+    task is checked by our validation and scheduled at once, paused ones paused. Putting
+    the same task again changes nothing (an unchanged entry keeps its next and last fire):
+    running it twice is safe. Prints a line per task; returns (copied, refused)."""
+    identities = _call(source, "/all", {}, source_token) or []
+    copied = refused = 0
+    for start in range(0, len(identities), MAX_LISTS):
+        for task in _call(source, "/lists", {"identity": identities[start:start + MAX_LISTS]},
+                          source_token) or []:
+            identity = task.get("identity")
+            try:
+                _call(into, "/put", task, token)
+            except ValidationError as exc:
+                refused += 1
+                print(f"refused {identity!r}: {exc}", file=out)
+                continue
+            copied += 1
+            print(f"copied {identity!r}: {len(task.get('entries') or {})} entries, "
+                  f"{'running' if task.get('start') else 'paused'}", file=out)
+    print(f"{copied} copied, {refused} refused, of {len(identities)} tasks at {source}",
+          file=out)
+    return copied, refused
+
+
+def _import_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="schedule_api.py import", description=import_tasks.__doc__.split(".")[0] + ".")
+    parser.add_argument("source", help="the running service to copy from, e.g. "
+                                       "http://old-host:3000")
+    parser.add_argument("--into", default="http://127.0.0.1:3000",
+                        help="our running service (default http://127.0.0.1:3000)")
+    parser.add_argument("--source-token", default="", help="the source's token, if any")
+    parser.add_argument("--token", default="", help="our [server] token, if set")
+    args = parser.parse_args(argv)
+    try:
+        _, refused = import_tasks(args.source, args.into, args.source_token, args.token)
+    except ValidationError as exc:
+        print(f"schedule-api import: {exc}", file=sys.stderr)
+        return 2
+    return 1 if refused else 0
+
+
+def _settings_help() -> str:
+    """The epilog of --help: every option, its variable and its default."""
+    lines = ["settings (config.ini [section] option, environment variable, default):"]
+    for (section, option), name in CONFIG_KEYS.items():
+        variable = f"SCHEDULE_API_{section}_{option}".upper()
+        lines.append(f"  [{section}] {option:<27} {variable:<46} {getattr(Config, name)!r}")
+    return "\n".join(lines) + "\n\nimport: python schedule_api.py import SOURCE_URL --help"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM or SIGINT; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import"]:
+        return _import_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=_settings_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="config.ini to read (default: ./config.ini if present)")
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to listen on (default 3000)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
+import io
 import json
 import os
 import re
@@ -2256,6 +2257,44 @@ def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
     assert ok(url, "/all") == []
     assert svc.kill(signal.SIGTERM) == 0
     assert "Traceback" not in svc.log.read_text()
+
+
+def test_import_copies_every_task_of_a_running_instance_idempotently(tmp_path):
+    source_apps, into_apps = both = (Apps("sqlite", tmp_path / "a"), Apps("sqlite", tmp_path / "b"))
+    try:
+        source = source_apps.start()
+        into = into_apps.start(max_timeout=10, token="t0k")
+        ok(source.url, "/put", task(identity="on", cron="0 0 3 * * *", body={"a": [1]},
+                                    headers={"X-A": "b"}, retry={"attempts": 2}))
+        ok(source.url, "/put", task(identity="off", start=False, cron="@every 1h"))
+        ok(source.url, "/put", task(identity="slow", timeout=20))  # over our max_timeout
+        for run in range(2):  # the second run changes nothing
+            out = io.StringIO()
+            assert sa.import_tasks(source.url, into.url, token="t0k", out=out) == (2, 1)
+            lines = out.getvalue().splitlines()
+            assert lines == ["copied 'off': 1 entries, paused", "copied 'on': 1 entries, running",
+                             ("refused 'slow': /put: entries.index.timeout: must be a number "
+                              "from 0.001 to 10"),
+                             f"2 copied, 1 refused, of 3 tasks at {source.url}"], run
+        _, reply = post(into.url, "/all", headers={"Authorization": "Bearer t0k"})
+        assert reply["data"] == ["off", "on"]
+        for identity in ("on", "off"):
+            mine = into.service.get({"identity": identity})
+            theirs = source.service.get({"identity": identity})
+            assert mine == theirs  # same fields, same next_date: the same schedule
+        puts = into.service.search({"type": "put"})["hits"]["total"]["value"]
+        assert puts == 4  # each run put both again; nothing else changed
+        cli = subprocess.run([sys.executable, str(HERE / "schedule_api.py"), "import", source.url,
+                              "--into", into.url, "--token", "t0k"], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert cli.returncode == 1 and "2 copied, 1 refused" in cli.stdout, cli
+        cli = subprocess.run([sys.executable, str(HERE / "schedule_api.py"), "import",
+                              "http://127.0.0.1:9", "--into", into.url], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert cli.returncode == 2 and "did not answer" in cli.stderr
+    finally:
+        for each in both:
+            each.close()
 
 
 def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
