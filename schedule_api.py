@@ -129,6 +129,11 @@ MAX_SEARCH_LIMIT = 100
 MAX_SEARCH_WINDOW = 10_000  # skip + limit, Elasticsearch's default max_result_window
 LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are missed
 MISSED_COUNT_LIMIT = 100  # missed instants counted one by one; past it a log says "more"
+# A fire's log takes about 580 bytes in SQLite (README): 100 fires a second, 5 GB a day. The
+# embedded store keeps 30 days by default, within [storage] max_log_bytes; Elasticsearch keeps
+# everything, as the original did: clusters bound their indices with lifecycle policies.
+SQLITE_RETENTION_DAYS = 30.0
+MAX_LOG_BACKLOG = 100_000  # log records held in memory when neither store nor disk take them
 TIMER_MAX_WAIT = 30.0  # seconds: the timer re-reads the clock at least this often
 # Headers a user may not set on a webhook: the service computes them, and a wrong one corrupts
 # the request (so do X-Schedule-*, the fire's own).
@@ -205,7 +210,8 @@ class Config:
     es_timeout: float = 10.0
     spool_max_bytes: int = 256 << 20
     flush_interval: float = 0.5
-    log_retention_days: float = 0.0
+    log_retention_days: float = -1.0  # -1: the store's own default (SQLITE_RETENTION_DAYS)
+    max_log_bytes: int = 2 << 30
     log_level: str = "INFO"
 
 
@@ -223,6 +229,7 @@ CONFIG_KEYS = {
     ("storage", "spool_max_bytes"): "spool_max_bytes",
     ("storage", "flush_interval"): "flush_interval",
     ("storage", "log_retention_days"): "log_retention_days",
+    ("storage", "max_log_bytes"): "max_log_bytes",
     ("webhook", "timeout"): "webhook_timeout",
     ("webhook", "max_timeout"): "max_timeout",
     ("webhook", "max_connections"): "max_connections",
@@ -1021,6 +1028,8 @@ def _public_log(record: dict) -> dict:
 #   search(query)           validate_search()'s query -> {"total": n, "records": [...]}
 #   clear(identity)         delete that identity's logs, return how many
 #   prune(before)           delete the logs older than UNIX time ``before``, return how many
+#   trim(max_bytes)         delete the oldest logs while they take more than max_bytes (SQLite;
+#                           a cluster bounds its own indices), return how many
 #   health()                {"store": kind, "ok": bool, ...}
 #   close()
 
@@ -1199,6 +1208,28 @@ class SQLiteStore:
             deleted += count
             if count < 5000:
                 return deleted
+
+    def used_bytes(self) -> int:
+        """Return the bytes the database's pages in use take (free pages are reused)."""
+        (pages,), (free,), (size,) = (self._reading(f"PRAGMA {name}")[0] for name in
+                                      ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
+
+    def trim(self, max_bytes: int) -> int:
+        # Down to 90% of the bound, oldest first, so that it is not trimmed again at once;
+        # in slices sized by the share to delete, at most 5,000 rows a transaction.
+        deleted = 0
+        while (used := self.used_bytes()) > max_bytes * 0.9:
+            rows = self._reading("SELECT count(*) FROM logs")[0][0]
+            share = (used - max_bytes * 0.9) / used
+            limit = min(5000, int(rows * share) + 1)
+            count = self._writing(lambda db, n=limit: db.execute(
+                "DELETE FROM logs WHERE seq IN (SELECT seq FROM logs ORDER BY seq LIMIT ?)",
+                (n,)).rowcount)
+            deleted += count
+            if not count:
+                break
+        return deleted
 
     def health(self) -> dict:
         try:
@@ -1432,6 +1463,9 @@ class ElasticsearchStore:
     def prune(self, before: float) -> int:
         return self._delete_logs({"range": {"time": {"lt": before}}})
 
+    def trim(self, max_bytes: int) -> int:
+        return 0  # a cluster's indices are bounded by its own lifecycle policies
+
     def health(self) -> dict:
         state = {"store": self.kind, "hosts": self._hosts, "index": self.index}
         try:  # briefly: a hung cluster must not make /health (and Docker's check) hang
@@ -1458,13 +1492,20 @@ class LogWriter:
     spool folder on disk (bounded by ``spool_max_bytes``), and while anything is spooled new
     batches go there too, so a hung store holds no more than one batch in memory. A second
     thread ships the spool, oldest first, when the store answers again, also after a
-    restart; stores overwrite by record id, so a batch sent twice is never doubled.
+    restart; stores overwrite by record id, so a batch sent twice is never doubled. When
+    neither the store nor the disk takes records (a full disk), they wait in memory, up to
+    MAX_LOG_BACKLOG; past the spool's bound or that, they are dropped and counted in
+    ``dropped`` (GET /health), never lost silently. The same thread deletes logs older than
+    ``retention`` seconds (hourly) and the oldest while they take over ``max_bytes`` (each
+    minute; 0: no bound).
     """
 
     def __init__(self, store, spool_dir: str, interval: float = 0.5, max_batch: int = 2000,
-                 spool_max_bytes: int = 256 << 20, retention: float = 0.0):
+                 spool_max_bytes: int = 256 << 20, retention: float = 0.0,
+                 max_bytes: int = 0):
         self._store = store
         self._retention = retention  # seconds logs are kept; 0: for ever
+        self._max_bytes = max_bytes
         self._spool_dir = spool_dir
         self._interval = interval
         self._max_batch = max_batch
@@ -1479,6 +1520,7 @@ class LogWriter:
         self._spooled_bytes = sum(os.path.getsize(os.path.join(spool_dir, name))
                                   for name in self.spooled_files())
         self.dropped = 0
+        self._complained = -math.inf  # when the last "cannot write logs" error was logged
         self._stop_shipping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._shipper = threading.Thread(target=self._ship_loop, name="log-shipper",
@@ -1521,13 +1563,25 @@ class LogWriter:
             log.warning("log store failed (%s); spooling %d records", exc, len(batch))
             self._spool(batch)
 
+    def _complain(self, message: str, *args: Any) -> None:
+        """Log an ERROR about records not written, at most once a minute (a full disk would
+        otherwise write a line a second); the counts in /health are always current."""
+        if time.monotonic() - self._complained >= 60.0:
+            self._complained = time.monotonic()
+            log.error(message + " (%d dropped so far; said again at most once a minute)",
+                      *args, self.dropped)
+
+    def spooled_bytes(self) -> int:
+        with self._spool_lock:
+            return self._spooled_bytes
+
     def _spool(self, batch: list[dict]) -> None:
         data = "".join(json.dumps(record) + "\n" for record in batch).encode()
         with self._spool_lock:
             if self._spooled_bytes + len(data) > self._spool_max_bytes:
                 self.dropped += len(batch)
-                log.error("log spool full (%d bytes); dropped %d records",
-                          self._spooled_bytes, len(batch))
+                self._complain("log spool full (%d bytes): dropped %d records",
+                               self._spooled_bytes, len(batch))
                 return
             name = os.path.join(self._spool_dir, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
             with open(name + ".tmp", "wb") as handle:
@@ -1568,7 +1622,7 @@ class LogWriter:
             self._spool(batch)
         except OSError as exc:
             self.dropped += len(batch)
-            log.error("cannot spool %d log records, dropped: %s", len(batch), exc)
+            self._complain("cannot spool %d log records, dropped: %s", len(batch), exc)
 
     def prune(self) -> int:
         """Delete the logs older than the retention; return how many (0 when it is off)."""
@@ -1579,8 +1633,18 @@ class LogWriter:
             log.info("deleted %d logs older than %g days", deleted, self._retention / 86400)
         return deleted
 
+    def trim(self) -> int:
+        """Delete the oldest logs while they take over max_bytes; return how many."""
+        if not self._max_bytes:
+            return 0
+        deleted = self._store.trim(self._max_bytes)
+        if deleted:
+            log.info("deleted the %d oldest logs: they took over [storage] max_log_bytes",
+                     deleted)
+        return deleted
+
     def _ship_loop(self) -> None:
-        prune_at = time.monotonic() + 60.0  # then hourly
+        prune_at = trim_at = time.monotonic() + 60.0  # then hourly, and each minute
         while not self._stop_shipping.wait(1.0):
             try:
                 if self._spool_in_use():
@@ -1594,6 +1658,12 @@ class LogWriter:
                     self.prune()
                 except StoreError as exc:
                     log.warning("cannot delete old logs now: %s", exc)
+            if time.monotonic() >= trim_at:
+                trim_at = time.monotonic() + 60.0
+                try:
+                    self.trim()
+                except StoreError as exc:
+                    log.warning("cannot bound the logs now: %s", exc)
 
     def _set_aside_damaged(self) -> None:
         """Rename spool files that are not JSON lines to *.bad, so they block nothing."""
@@ -1627,11 +1697,16 @@ class LogWriter:
                 elif batch:
                     self._store_or_spool(batch)
             except OSError as exc:  # the store failed and so did the disk: try again soon
-                log.error("cannot store or spool %d log records (%s); retrying", len(batch),
-                          exc)
                 with self._cond:
                     self._pending[:0] = batch
                     self._sending = []
+                    excess = len(self._pending) - MAX_LOG_BACKLOG
+                    if excess > 0:  # memory is bounded too: the oldest go, counted
+                        del self._pending[:excess]
+                        self.dropped += excess
+                    held = len(self._pending)
+                self._complain("cannot store or spool log records (%s); %d wait in memory, "
+                               "retrying each second", exc, held)
                 if closing:
                     return
                 time.sleep(1.0)
@@ -3023,7 +3098,9 @@ class Service:
                 "tasks": len(self._scheduler), **self._scheduler.stats(),
                 **self._webhooks.stats(),
                 "log_backlog": self._writer.backlog(),
-                "log_spool_files": len(self._writer.spooled_files()), **self._store.health()}
+                "log_spool_files": len(self._writer.spooled_files()),
+                "log_spool_bytes": self._writer.spooled_bytes(),
+                "log_dropped": self._writer.dropped, **self._store.health()}
 
 
 # HTTP #######################################################################################
@@ -3208,10 +3285,13 @@ class App:
     def __init__(self, config: Config, clock: Clock | None = None):
         self.config = config
         self.store = open_store(config)
+        days = config.log_retention_days
+        if days < 0:  # the store's default
+            days = SQLITE_RETENTION_DAYS if self.store.kind == "sqlite" else 0.0
         self.writer = LogWriter(self.store, os.path.join(config.data, "spool"),
                                 interval=config.flush_interval,
                                 spool_max_bytes=config.spool_max_bytes,
-                                retention=config.log_retention_days * 86400)
+                                retention=days * 86400, max_bytes=config.max_log_bytes)
         self.service = Service(config, self.store, self.writer, clock)
         self.server = make_server(config, self.service)
         self._thread: threading.Thread | None = None

@@ -1927,10 +1927,81 @@ def test_retention_deletes_only_logs_older_than_it(apps):
     assert hits["total"]["value"] == 1 and hits["hits"][0]["_source"]["type"] == "put"
 
 
-def test_retention_is_off_by_default(app):
-    app.writer.write_now(sa.make_log("put", "t", body={}) | {"time": 0, "_ts": 0.0})
-    assert app.writer.prune() == 0
-    assert ok(app.url, "/search", {})["hits"]["total"]["value"] == 1
+def test_retention_is_30_days_on_sqlite_and_for_ever_on_elasticsearch(app, store_kind):
+    month = 31 * 86400
+    app.writer.write_now(sa.make_log("put", "t", body={}) | {"time": int(time.time()) - month,
+                                                             "_ts": time.time() - month})
+    app.writer.write_now(sa.make_log("put", "t", body={}))
+    assert app.writer.prune() == (1 if store_kind == "sqlite" else 0)
+    assert ok(app.url, "/search", {})["hits"]["total"]["value"] == (
+        1 if store_kind == "sqlite" else 2)
+
+
+def test_sqlite_logs_are_bounded_oldest_first(sqlite_apps):
+    app = sqlite_apps.start(max_log_bytes=400_000)
+    for start in range(0, 3000, 500):
+        for i in range(start, start + 500):
+            app.writer.write(sa.make_log("success", "t", key="k", scheduled=float(i),
+                                         body={"pad": "p" * 200}))
+        wait_until(lambda: app.writer.backlog() == 0, message="the logs stored")
+    assert app.store.used_bytes() > 400_000
+    deleted = app.writer.trim()
+    assert deleted > 0 and app.store.used_bytes() <= 360_000
+    kept = ok(app.url, "/search", {"limit": 1})["hits"]
+    assert kept["total"]["value"] == 3000 - deleted
+    assert kept["hits"][0]["_source"]["scheduled"] == 2999.0  # the newest stay
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs, mounted by the test (root); skipped where it cannot be, never in CI."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but a tmpfs cannot be mounted: {mounted.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk):
+    """Write a file until the disk is full; return it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_keeps_firing_refuses_puts_counts_logs_and_recovers(sqlite_apps, receiver,
+                                                                        small_disk):
+    app = sqlite_apps.start(data=small_disk / "data")
+    ok(app.url, "/put", task(url=receiver.url + "/d", cron="* * * * * *", body={"p": "x" * 500}))
+    receiver.wait_for(1, "/d")
+    filler = fill(small_disk)
+    sent = len(receiver.received("/d"))
+    receiver.wait_for(sent + 3, "/d", timeout=8)  # fires go on
+    reply = post(app.url, "/put", task(identity="new"))[1]
+    assert reply["error"] == 1 and reply["msg"].startswith("store unavailable, nothing changed")
+    assert "full" in reply["msg"]
+    wait_until(lambda: sum(ok(app.url, "/health")[k] for k in ("log_backlog", "log_dropped")),
+               message="logs held or counted")
+    filler.unlink()  # space is back: everything resumes
+    ok(app.url, "/put", task(identity="new"))
+    wait_until(lambda: ok(app.url, "/health")["log_backlog"] == 0, timeout=10,
+               message="the held logs written")
+    ok(app.url, "/running", {"identity": "test", "running": False})
+    sent = len(receiver.received("/d"))
+    dropped = ok(app.url, "/health")["log_dropped"]
+    logged = ok(app.url, "/search", {"identity": "test", "type": "success"})["hits"]["total"]
+    assert logged["value"] + dropped >= sent  # each fire is logged or counted, none lost
 
 
 def test_a_body_trickled_slower_than_request_timeout_is_dropped(sqlite_apps):
