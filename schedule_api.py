@@ -1644,7 +1644,9 @@ class LogWriter:
         return deleted
 
     def _ship_loop(self) -> None:
-        prune_at = trim_at = time.monotonic() + 60.0  # then hourly, and each minute
+        # [when next, period, chore, what it does]: first a minute after the start.
+        chores = [[time.monotonic() + 60.0, 3600.0, self.prune, "delete old logs"],
+                  [time.monotonic() + 60.0, 60.0, self.trim, "bound the logs' size"]]
         while not self._stop_shipping.wait(1.0):
             try:
                 if self._spool_in_use():
@@ -1652,18 +1654,13 @@ class LogWriter:
             except (OSError, ValueError) as exc:  # a disk error, a damaged spool file
                 log.error("cannot ship the log spool: %s", exc)
                 self._set_aside_damaged()
-            if time.monotonic() >= prune_at:
-                prune_at = time.monotonic() + 3600.0
-                try:
-                    self.prune()
-                except StoreError as exc:
-                    log.warning("cannot delete old logs now: %s", exc)
-            if time.monotonic() >= trim_at:
-                trim_at = time.monotonic() + 60.0
-                try:
-                    self.trim()
-                except StoreError as exc:
-                    log.warning("cannot bound the logs now: %s", exc)
+            for chore in chores:
+                if time.monotonic() >= chore[0]:
+                    chore[0] = time.monotonic() + chore[1]
+                    try:
+                        chore[2]()
+                    except StoreError as exc:
+                        log.warning("cannot %s now: %s", chore[3], exc)
 
     def _set_aside_damaged(self) -> None:
         """Rename spool files that are not JSON lines to *.bad, so they block nothing."""
