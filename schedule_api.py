@@ -1069,7 +1069,9 @@ def search_reply(result: dict, index: str) -> dict:
 
 
 class SQLiteStore:
-    """The embedded default: one SQLite file in WAL mode under the data folder."""
+    """The embedded default: one SQLite file in WAL mode under the data folder, for one
+    process: a second process on the same folder is refused (it would fire every task a
+    second time); replicas share an Elasticsearch cluster instead."""
 
     kind = "sqlite"
     SCHEMA = """
@@ -1087,14 +1089,40 @@ class SQLiteStore:
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "schedule.db")
+        self._folder_lock = self._lock_folder(folder)
         try:
             self._write = self._connect()
             self._write.executescript(self.SCHEMA)
             self._read = self._connect()
         except sqlite3.Error as exc:
+            self._folder_lock.close()
             raise StoreError(f"cannot open {self.path}: {exc}") from None
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+
+    @staticmethod
+    def _lock_folder(folder: str):
+        """Hold an exclusive lock on <folder>/lock for the life of the store (the system
+        drops it when the process ends, kill -9 included); raise StoreError if another
+        process holds it."""
+        import fcntl  # POSIX only, as the service is
+
+        handle = open(os.path.join(folder, "lock"), "a+")  # noqa: SIM115 - held open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise StoreError(f"another schedule-api process (pid {holder}) uses the data "
+                             f"folder {os.path.abspath(folder)}: two processes on one SQLite "
+                             "store would fire every task twice. Give each its own --data, "
+                             "or run replicas on Elasticsearch") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -1242,6 +1270,7 @@ class SQLiteStore:
         with self._write_lock, self._read_lock:
             self._write.close()
             self._read.close()
+        self._folder_lock.close()  # and with it the lock
 
 
 class ElasticsearchStore:

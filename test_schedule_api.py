@@ -1970,13 +1970,13 @@ def small_disk(tmp_path):
 def fill(disk):
     """Write a file until the disk is full; return it."""
     filler = disk / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
+    with open(filler, "wb", buffering=0) as handle:
+        for size in (65536, 4096, 512, 1):  # to the last byte
+            try:
+                while handle.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
     return filler
 
 
@@ -2366,6 +2366,26 @@ def test_import_copies_every_task_of_a_running_instance_idempotently(tmp_path):
     finally:
         for each in both:
             each.close()
+
+
+def test_a_second_process_on_one_sqlite_data_folder_is_refused(tmp_path):
+    first = Process(tmp_path, f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\npath = "
+                              f"{tmp_path / 'data'}\n", name="first").start()
+    try:
+        second = subprocess.run([sys.executable, str(HERE / "schedule_api.py"), "--config",
+                                 str(first.config)], capture_output=True, text=True,
+                                timeout=30, check=False)
+        assert second.returncode == 1
+        assert f"another schedule-api process (pid {first.proc.pid}) uses the data folder" in \
+            second.stderr and "Traceback" not in second.stderr
+        assert first.proc.poll() is None and ok(first.url, "/all") == []
+        first.kill()  # kill -9: the system drops the lock with the process
+        again = Process(tmp_path, first.config.read_text(), name="again").start()
+        assert ok(again.url, "/all") == []
+        again.kill(signal.SIGTERM)
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
 
 
 def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
