@@ -32,11 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
+import calendar
 import concurrent.futures
 import configparser
 import dataclasses
 import difflib
 import email.utils
+import functools
 import hashlib
 import heapq
 import hmac
@@ -386,24 +389,42 @@ def _wall_offset(zone: ZoneInfo, wall: datetime) -> float:
     return wall.replace(tzinfo=zone, fold=0).utcoffset().total_seconds()
 
 
-def _first_offset_change(zone: ZoneInfo, t: float, until: float) -> float | None:
-    """Return the first instant in (t, until] where the zone's UTC offset changes, or None."""
-    before = _utc_offset(zone, t)
-    low = t
-    while low < until:
-        # Weekly steps, so that two changes between t and until (spring and autumn) are both seen.
-        high = min(low + 7 * 86400, until)
-        if _utc_offset(zone, high) != before:
-            lo, hi = math.floor(low), math.ceil(high)
+@functools.lru_cache(maxsize=4096)
+def _offset_changes(zone: ZoneInfo, year: int) -> tuple[float, ...]:
+    """Return the instants of a UTC year at which the zone's UTC offset changes (the first
+    second of each new offset). Found once per zone and year: weekly steps, so that two
+    changes in a year (spring and autumn) are both seen, then halving to the second."""
+    start = calendar.timegm((year, 1, 1, 0, 0, 0))
+    end = calendar.timegm((year + 1, 1, 1, 0, 0, 0))
+    changes, low, offset = [], start - 1, _utc_offset(zone, start - 1)
+    while low < end - 1:
+        high = min(low + 7 * 86400, end - 1)
+        if _utc_offset(zone, high) != offset:
+            lo, hi = low, high
             while hi - lo > 1:  # zone transitions fall on whole seconds
                 mid = (lo + hi) // 2
-                if _utc_offset(zone, mid) == before:
+                if _utc_offset(zone, mid) == offset:
                     lo = mid
                 else:
                     hi = mid
-            return float(max(hi, t))
-        low = high
-    return None
+            changes.append(float(hi))
+            low, offset = hi, _utc_offset(zone, hi)
+        else:
+            low = high
+    return tuple(changes)
+
+
+def _first_offset_change(zone: ZoneInfo, t: float, until: float) -> float | None:
+    """Return the first instant in (t, until] where the zone's UTC offset changes, or None."""
+    year = time.gmtime(math.floor(t)).tm_year
+    while True:
+        changes = _offset_changes(zone, year)
+        i = bisect.bisect_right(changes, t)
+        if i < len(changes):
+            return changes[i] if changes[i] <= until else None
+        if calendar.timegm((year + 1, 1, 1, 0, 0, 0)) > until:
+            return None
+        year += 1
 
 
 class CronSchedule:
@@ -422,7 +443,7 @@ class CronSchedule:
         self.every_hour = every_hour
         self._cron = croniter(expression, _EPOCH, second_at_beginning=True)
         # Entries with equal schedules share this object, and fire at the same instants: the
-        # last answer serves them all (1,000 every-second entries: one computation a second).
+        # last answer serves them all (see next_fire).
         self._memo: tuple[int, tuple[float, str | None]] | None = None
         self._lock = threading.Lock()  # guards _cron (stateful) and _memo
 
@@ -449,12 +470,17 @@ class CronSchedule:
         schedule). Raises ScheduleError if the expression matches no date.
         """
         # Fires and zone changes fall on whole seconds, so the answer for t is the answer for
-        # the whole second below it.
+        # the whole second below it. And if the first fire after second s is f, it is also
+        # the first after any second in [s, f): the memo holds for that whole span. So 1,000
+        # every-second entries compute one answer a second, and 100,000 yearly entries
+        # loaded with put times spread over months compute a handful, not one each.
         second = math.floor(t)
         with self._lock:
-            if self._memo is None or self._memo[0] != second:
-                self._memo = (second, self._next_fire(second))
-            return self._memo[1]
+            memo = self._memo
+            if memo is None or not memo[0] <= second < memo[1][0]:
+                # Equal answers widen the span down to ``second``; others replace it.
+                memo = self._memo = (second, self._next_fire(second))
+            return memo[1]
 
     def _next_fire(self, t: int) -> tuple[float, str | None]:
         zone = self.zone
@@ -2569,13 +2595,25 @@ class Scheduler:
         slot.running = True
         heapq.heappush(self._heap, (slot.next, next(self._seq), slot))
 
-    def _catch_up(self, slot: _Slot, since: float, now: float, why: str) -> None:
-        """Account for the slot's instants in (since, now], which never fired (caller holds
-        the lock): log them as missed, and with misfire "once" queue the latest to fire now
-        if it is at most misfire_grace old. ``since`` 0 means unknown (a
-        hand-made task document without anchors): nothing is counted then."""
-        if not since:
-            return
+    def _resume(self, slot: _Slot, since: float, now: float, why: str) -> None:
+        """Arm a slot that did not run (loaded at start, resumed, put running again) after
+        accounting for its instants in (since, now], which never fired (_log_missed). Its
+        first instant after ``since`` is computed first: when it is after now, it is the
+        next fire, and equal entries resumed together share that answer (CronSchedule's
+        memo), so 100,000 tasks load without one computation each. ``since`` 0 means
+        unknown (a hand-made task document without anchors): nothing is counted then."""
+        try:
+            first = slot.schedule.next_after(since) if since else None
+        except ScheduleError:
+            first = None
+        if first is not None and first <= now:
+            self._log_missed(slot, since, now, why)
+        self._arm(slot, now, first if first is not None and first > now else None)
+
+    def _log_missed(self, slot: _Slot, since: float, now: float, why: str) -> None:
+        """Log the slot's instants in (since, now] as missed (caller holds the lock), and
+        with misfire "once" queue the latest to fire now if it is at most misfire_grace
+        old."""
         try:
             missed = missed_instants(slot.schedule, since, now)
         except ScheduleError:
@@ -2629,9 +2667,8 @@ class Scheduler:
                     if same and before.running:
                         self._arm(slot, now, before.next)
                         continue
-                    self._catch_up(slot, max(slot.last or 0.0, slot.entry.anchor), now,
-                                   "the service was down, or the entry paused")
-                    self._arm(slot, now)
+                    self._resume(slot, max(slot.last or 0.0, slot.entry.anchor), now,
+                                 "the service was down, or the entry paused")
             for slot in old.values():
                 self._disarm(slot)
             self._tasks[task.identity] = task
@@ -2651,9 +2688,8 @@ class Scheduler:
                 slot.entry = task.entries[key]
                 if task.start and slot.entry.running:
                     if not slot.running:
-                        self._catch_up(slot, max(slot.last or 0.0, slot.entry.anchor), now,
-                                       "the entry was paused")
-                        self._arm(slot, now)
+                        self._resume(slot, max(slot.last or 0.0, slot.entry.anchor), now,
+                                     "the entry was paused")
                 elif slot.running or slot.inflight:
                     self._disarm(slot)
             self._compact()
@@ -2759,8 +2795,9 @@ class Scheduler:
                 continue
             try:
                 if at < now - LATE_REPLAY_LIMIT:  # the host slept, or the clock jumped
-                    self._catch_up(slot, at - 0.5, now, f"{now - at:.0f} s behind: the host "
-                                                        "was suspended, or its clock jumped")
+                    self._log_missed(slot, at - 0.5, now, f"{now - at:.0f} s behind: the "
+                                                          "host was suspended, or its clock "
+                                                          "jumped")
                     at = None
                     following = slot.schedule.next_after(now)
                 else:

@@ -479,6 +479,19 @@ def test_every_counts_from_the_anchor_in_real_time_across_dst():
     assert schedule.next_after(anchor + 5400 * 10 + 1) == anchor + 5400 * 11
 
 
+@pytest.mark.parametrize("cron", ["0 30 2 * * *", "0 30 1 * * *", "0 0 * * * *", "*/7 * * * * *",
+                                  "0 0 0 1 1 *", "0 15 3 1 1,7 *"])
+def test_a_shared_schedule_answers_any_order_of_questions_as_a_fresh_one(cron):
+    import random
+    rng = random.Random(cron)
+    zone = sa.load_zone(NY)
+    shared = sa.parse_schedule(cron, zone)
+    start = local("2024-03-01T00:00:00", NY)
+    for _ in range(300):  # across both changes of 2024, in random order, fractions too
+        t = start + rng.uniform(0, 300 * 86400) * rng.choice([1, 1e-3, 1e-5])
+        assert shared.next_fire(t) == sa.parse_schedule(cron, zone).next_fire(t), t
+
+
 @pytest.mark.parametrize("cron, after, until, expected", [
     ("* * * * * *", 100, 110, (101, 110, 10, False)),
     ("* * * * * *", 100, 100.5, None),
