@@ -36,6 +36,7 @@ import bisect
 import calendar
 import concurrent.futures
 import configparser
+import contextlib
 import dataclasses
 import difflib
 import email.utils
@@ -131,7 +132,7 @@ MAX_LISTS = 1000
 MAX_SEARCH_LIMIT = 100
 MAX_SEARCH_WINDOW = 10_000  # skip + limit, Elasticsearch's default max_result_window
 LATE_REPLAY_LIMIT = 60.0  # seconds: fires further behind than this (a suspended host) are missed
-MISSED_COUNT_LIMIT = 100  # missed instants counted one by one; past it a log says "more"
+MISSED_COUNT_LIMIT = 10  # missed instants counted one by one; past it a log says "more"
 # A fire's log takes about 580 bytes in SQLite (README): 100 fires a second, 5 GB a day. The
 # embedded store keeps 30 days by default, within [storage] max_log_bytes; Elasticsearch keeps
 # everything, as the original did: clusters bound their indices with lifecycle policies.
@@ -753,13 +754,15 @@ class Task:
         return {"identity": self.identity, "time_zone": self.time_zone, "start": self.start,
                 "entries": {key: entry.public() for key, entry in self.entries.items()}}
 
-    def document(self, last: dict[str, float] | None = None) -> dict:
+    def document(self, last: dict[str, float] | None = None,
+                 accounted: dict[str, float] | None = None) -> dict:
         """Return what a store keeps: the public task, when each entry was put ("anchors":
-        @every counts from it, and it tells an entry's fires from a replaced one's) and the
-        last fire times."""
+        @every counts from it, and it tells an entry's fires from a replaced one's), the
+        last fire times, and up to when missed fires were accounted for ("accounted")."""
         doc = self.public()
         doc["anchors"] = {k: e.anchor for k, e in self.entries.items()}
         doc["last"] = dict(last or {})
+        doc["accounted"] = dict(accounted or {})
         return doc
 
     @classmethod
@@ -1068,21 +1071,44 @@ def _fire_times(records: Iterable[dict]) -> dict[tuple[str, str, str], float]:
     """
     latest: dict[tuple[str, str, str], float] = {}
     for record in records:
-        if record["type"] in ("success", "error") and record.get("_since") is not None:
-            slot = (record["identity"], record["key"], _since(record["_since"]))
-            latest[slot] = max(latest.get(slot, 0.0), record["scheduled"])
+        if record.get("_since") is None:
+            continue
+        if record["type"] in ("success", "error"):
+            slot, at = (record["identity"], record["key"], _since(record["_since"])), \
+                record["scheduled"]
+        elif record["type"] == "missed":  # accounted for up to its last instant
+            slot, at = (record["identity"], record["key"],
+                        _since(record["_since"]) + _MISSED), record["last"]
+        else:
+            continue
+        latest[slot] = max(latest.get(slot, 0.0), at)
     return latest
+
+
+_MISSED = "+missed"  # the since of an entry's "missed up to" mark, beside its last fire
 
 
 def _since(anchor: float) -> str:
     return repr(float(anchor))
 
 
-def _current_last(doc: dict, last: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Return {key: last fire} of a task document from the stored {key: {since: at}}."""
+def _marks(doc: dict) -> Iterator[tuple[str, str, float]]:
+    """Yield (key, since, at) of a task document's last fires and missed-up-to marks."""
+    anchors = doc["anchors"]
+    for field, suffix in (("last", ""), ("accounted", _MISSED)):
+        for key, at in (doc.get(field) or {}).items():
+            yield key, _since(anchors[key]) + suffix, at
+
+
+def _read_marks(doc: dict, stored: dict[str, dict[str, float]]) -> dict:
+    """Fill a task document's "last" and "accounted" from the stored {key: {since: at}}:
+    the current entries' only (an entry replaced since has a new since)."""
     anchors = doc.get("anchors") or {}
-    return {key: by_since[_since(anchors[key])] for key, by_since in last.items()
-            if key in anchors and _since(anchors[key]) in by_since}
+    for field, suffix in (("last", ""), ("accounted", _MISSED)):
+        doc[field] = {key: by_since[_since(anchors[key]) + suffix]
+                      for key, by_since in stored.items()
+                      if key in anchors and _since(anchors[key]) + suffix in by_since}
+    return doc
 
 
 def search_reply(result: dict, index: str) -> dict:
@@ -1179,17 +1205,16 @@ class SQLiteStore:
                 raise StoreError(f"sqlite: {exc}") from None
 
     def save_task(self, doc: dict) -> None:
-        text = json.dumps({k: v for k, v in doc.items() if k != "last"})
+        text = json.dumps({k: v for k, v in doc.items() if k not in ("last", "accounted")})
         identity = doc["identity"]
 
         def work(db):
             db.execute("INSERT OR REPLACE INTO tasks (identity, doc) VALUES (?, ?)",
                        (identity, text))
-            # The document's last fires replace the stored ones: a changed entry has none.
+            # The document's marks replace the stored ones: a changed entry has none.
             db.execute("DELETE FROM last_fire WHERE identity = ?", (identity,))
             db.executemany("INSERT INTO last_fire (identity, key, since, at) VALUES (?, ?, ?, ?)",
-                           [(identity, key, _since(doc["anchors"][key]), at)
-                            for key, at in (doc.get("last") or {}).items()])
+                           [(identity, *mark) for mark in _marks(doc)])
         self._writing(work)
 
     def delete_task(self, identity: str) -> None:
@@ -1209,9 +1234,7 @@ class SQLiteStore:
             db = self._connect()
             try:
                 for identity, text in db.execute("SELECT identity, doc FROM tasks"):
-                    doc = json.loads(text)
-                    doc["last"] = _current_last(doc, last.get(identity, {}))
-                    yield doc
+                    yield _read_marks(json.loads(text), last.get(identity, {}))
             finally:
                 db.close()
         except sqlite3.Error as exc:
@@ -1270,9 +1293,12 @@ class SQLiteStore:
         return (pages - free) * size
 
     def trim(self, max_bytes: int) -> int:
-        # Down to 90% of the bound, oldest first, so that it is not trimmed again at once;
-        # in slices sized by the share to delete, at most 5,000 rows a transaction.
+        # The database (logs, tasks, indexes) over the bound: its oldest logs go, down to
+        # 90% of it, so that it is not trimmed again at once; in slices sized by the share
+        # to delete, at most 5,000 rows a transaction.
         deleted = 0
+        if self.used_bytes() <= max_bytes:
+            return 0
         while (used := self.used_bytes()) > max_bytes * 0.9:
             rows = self._reading("SELECT count(*) FROM logs")[0][0]
             share = (used - max_bytes * 0.9) / used
@@ -1418,9 +1444,10 @@ class ElasticsearchStore:
 
     def save_task(self, doc: dict) -> None:
         self._ensure()
-        task = {k: v for k, v in doc.items() if k != "last"}
-        last = {key: {_since(doc["anchors"][key]): at}
-                for key, at in (doc.get("last") or {}).items()}
+        task = {k: v for k, v in doc.items() if k not in ("last", "accounted")}
+        last: dict[str, dict[str, float]] = {}
+        for key, since, at in _marks(doc):
+            last.setdefault(key, {})[since] = at
         self._call("index", index=self.tasks_index, id=doc["identity"],
                    document={"identity": doc["identity"], "task": task, "last": last})
 
@@ -1442,9 +1469,7 @@ class ElasticsearchStore:
                               sort=[{"identity": "asc"}], query={"match_all": {}}, **extra)
             hits = page["hits"]["hits"]
             for hit in hits:
-                doc = hit["_source"]["task"]
-                doc["last"] = _current_last(doc, hit["_source"].get("last") or {})
-                yield doc
+                yield _read_marks(hit["_source"]["task"], hit["_source"].get("last") or {})
             if len(hits) < 1000:
                 return
             after = hits[-1]["sort"]
@@ -1572,6 +1597,10 @@ class LogWriter:
         self._closed = False
         self._spool_lock = threading.Lock()  # guards _spooled_bytes and new spool files
         os.makedirs(spool_dir, exist_ok=True)
+        for name in os.listdir(spool_dir):  # half-written by a process that was killed
+            if name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(spool_dir, name))
         self._spooled_bytes = sum(os.path.getsize(os.path.join(spool_dir, name))
                                   for name in self.spooled_files())
         self.dropped = 0
@@ -1639,11 +1668,16 @@ class LogWriter:
                                self._spooled_bytes, len(batch))
                 return
             name = os.path.join(self._spool_dir, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
-            with open(name + ".tmp", "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(name + ".tmp", name + ".jsonl")
+            try:
+                with open(name + ".tmp", "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(name + ".tmp", name + ".jsonl")
+            except OSError:  # a full disk: leave no half file behind, a try each second
+                with contextlib.suppress(OSError):
+                    os.remove(name + ".tmp")
+                raise
             self._spooled_bytes += len(data)
 
     def ship_spool(self) -> bool:
@@ -2175,6 +2209,7 @@ class Webhooks:
 
     def __init__(self, config: Config):
         self.timeout = config.webhook_timeout
+        self.max_timeout = config.max_timeout
         self.proxies = urllib.request.getproxies()  # the environment's, read once
         self._max_response = config.max_response_bytes
         self._secrets = tuple(secret.strip() for secret in config.signing_secret.split(",")
@@ -2507,8 +2542,8 @@ class _Slot:
     fires, and the fire still being tried. ``gen`` changes when the entry is paused,
     replaced or deleted, which stops the retries of its earlier fires."""
 
-    __slots__ = ("entry", "gen", "identity", "inflight", "key", "last", "next", "policy",
-                 "running", "schedule", "webhook", "zone")
+    __slots__ = ("accounted", "entry", "gen", "identity", "inflight", "key", "last", "next",
+                 "policy", "running", "schedule", "webhook", "zone")
 
     def __init__(self, identity: str, key: str, entry: Entry, zone: ZoneInfo, schedule,
                  policy: dict, last: float | None):
@@ -2517,6 +2552,7 @@ class _Slot:
         self.webhook: Webhook | None = None
         self.next: float | None = None
         self.last: float | None = last
+        self.accounted = 0.0  # its missed fires were logged up to this instant
         self.running = False  # on the heap: its task runs (start, /running)
         self.gen = 0
         self.inflight: Fire | None = None
@@ -2544,6 +2580,7 @@ class Scheduler:
         self._clock = clock or Clock()
         self._retry_attempts = retry_attempts
         self._misfire_grace = misfire_grace
+        self._missed_memo: dict[tuple, tuple | None] = {}  # see _log_missed
         # Shared by the entries that give no retry of their own (read only): a dict per
         # entry would be 23 MB for 100,000 of them.
         self._default_policy = Entry("", "").retry_policy(retry_attempts)
@@ -2595,13 +2632,16 @@ class Scheduler:
         slot.running = True
         heapq.heappush(self._heap, (slot.next, next(self._seq), slot))
 
-    def _resume(self, slot: _Slot, since: float, now: float, why: str) -> None:
+    def _resume(self, slot: _Slot, now: float, why: str) -> None:
         """Arm a slot that did not run (loaded at start, resumed, put running again) after
-        accounting for its instants in (since, now], which never fired (_log_missed). Its
-        first instant after ``since`` is computed first: when it is after now, it is the
-        next fire, and equal entries resumed together share that answer (CronSchedule's
-        memo), so 100,000 tasks load without one computation each. ``since`` 0 means
-        unknown (a hand-made task document without anchors): nothing is counted then."""
+        accounting for its instants that never fired: those after its last fire, its put
+        and what was already logged missed, up to now (_log_missed). Its first instant
+        after that is computed first: when it is after now, it is the next fire, and equal
+        entries resumed together share that answer (CronSchedule's memo), so 100,000 tasks
+        load without one computation each. A put time of 0 means unknown (a hand-made
+        task document without anchors): nothing is counted then."""
+        since = max(slot.last or 0.0, slot.accounted) if slot.entry.anchor else 0.0
+        since = max(since, slot.entry.anchor)
         try:
             first = slot.schedule.next_after(since) if since else None
         except ScheduleError:
@@ -2613,14 +2653,20 @@ class Scheduler:
     def _log_missed(self, slot: _Slot, since: float, now: float, why: str) -> None:
         """Log the slot's instants in (since, now] as missed (caller holds the lock), and
         with misfire "once" queue the latest to fire now if it is at most misfire_grace
-        old."""
-        try:
-            missed = missed_instants(slot.schedule, since, now)
-        except ScheduleError:
-            return
+        old. Equal entries missing the same span share one computation."""
+        key = (slot.schedule, since, math.floor(now))
+        if key not in self._missed_memo:
+            if len(self._missed_memo) > 1000:
+                self._missed_memo.clear()
+            try:
+                self._missed_memo[key] = missed_instants(slot.schedule, since, now)
+            except ScheduleError:
+                self._missed_memo[key] = None
+        missed = self._missed_memo[key]
         if missed is None:
             return
         first, last, count, more = missed
+        slot.accounted = last
         entry = slot.entry
         grace = self._misfire_grace if entry.misfire_grace is None else entry.misfire_grace
         late = entry.misfire == "once" and now - last <= grace
@@ -2632,19 +2678,23 @@ class Scheduler:
             what += (": the last one fires now, late" if late else
                      f": the last one is over {grace:g} s old, not fired")
         log.info("%s/%s %s", slot.identity, slot.key, what)
-        self._sink(make_log("missed", slot.identity, key=slot.key, url=entry.url, first=first,
-                            last=last, count=count, more=more, misfire=entry.misfire,
-                            fired=late, message=[what]))
+        record = make_log("missed", slot.identity, key=slot.key, url=entry.url, first=first,
+                          last=last, count=count, more=more, misfire=entry.misfire,
+                          fired=late, message=[what])
+        record["_since"] = entry.anchor  # the store keeps "missed up to" per entry version
+        self._sink(record)
         if late:
             slot.last = last
             self._queue_retry(self._start_fire(slot, last), now)  # due at once, via the heap
 
     def put(self, task: Task, last: dict[str, float] | None = None,
-            prepare: bool = True) -> None:
-        """Add or replace a task. Entries whose schedule is unchanged keep their next fire
-        and last fire; others start from now. With ``prepare`` the entries' webhooks are
-        built now, else at their first fire (100,000 tasks loaded at start would take
-        57 MB and 4 s more). Raises ScheduleError for a bad cron_time."""
+            prepare: bool = True, accounted: dict[str, float] | None = None) -> None:
+        """Add or replace a task. An entry put again unchanged is left as it is (its fire in
+        flight and retries go on); entries whose schedule is unchanged keep their next fire
+        and last fire; others start from now. ``last`` and ``accounted`` are the stored
+        marks of a task loaded at start. With ``prepare`` the entries' webhooks are built
+        now, else at their first fire (100,000 tasks loaded at start would take 57 MB and
+        4 s more). Raises ScheduleError for a bad cron_time."""
         zone = load_zone(task.time_zone)
         # Parsed and built outside the lock: a put of 1,000 new entries must not stall the timer.
         slots = {key: _Slot(task.identity, key, entry, zone,
@@ -2662,13 +2712,17 @@ class Scheduler:
             for key, slot in slots.items():
                 before = old.get(key)
                 same = before is not None and carries_over(old_task, task, key)
+                runs = task.start and slot.entry.running
+                if same and before.entry == slot.entry and before.running == runs:
+                    slots[key] = old.pop(key)
+                    continue
                 slot.last = before.last if same else (last or {}).get(key)
-                if task.start and slot.entry.running:
+                slot.accounted = before.accounted if same else (accounted or {}).get(key, 0.0)
+                if runs:
                     if same and before.running:
                         self._arm(slot, now, before.next)
                         continue
-                    self._resume(slot, max(slot.last or 0.0, slot.entry.anchor), now,
-                                 "the service was down, or the entry paused")
+                    self._resume(slot, now, "the service was down, or the entry paused")
             for slot in old.values():
                 self._disarm(slot)
             self._tasks[task.identity] = task
@@ -2678,8 +2732,9 @@ class Scheduler:
 
     def set_running(self, task: Task) -> None:
         """Apply the running states of a task already here (``start``, and each entry's
-        ``running``): pause what stops, resume what runs again. Resuming starts from now:
-        fires missed while paused are not replayed. Raises KeyError for an unknown task."""
+        ``running``): pause what stops, resume what runs again. Resuming starts from now;
+        what was missed while paused is logged and follows the entry's misfire rule
+        (_resume). Raises KeyError for an unknown task."""
         with self._lock:
             slots = self._slots[task.identity]
             self._tasks[task.identity] = task
@@ -2688,8 +2743,7 @@ class Scheduler:
                 slot.entry = task.entries[key]
                 if task.start and slot.entry.running:
                     if not slot.running:
-                        self._resume(slot, max(slot.last or 0.0, slot.entry.anchor), now,
-                                     "the entry was paused")
+                        self._resume(slot, now, "the entry was paused")
                 elif slot.running or slot.inflight:
                     self._disarm(slot)
             self._compact()
@@ -2726,6 +2780,13 @@ class Scheduler:
         with self._lock:
             return {key: (slot.next if slot.running else None, slot.last)
                     for key, slot in self._slots.get(identity, {}).items()}
+
+    def marks(self, identity: str) -> tuple[dict[str, float], dict[str, float]]:
+        """Return a task's ({key: last fire}, {key: missed fires logged up to}) to store."""
+        with self._lock:
+            slots = self._slots.get(identity, {})
+            return ({key: slot.last for key, slot in slots.items() if slot.last is not None},
+                    {key: slot.accounted for key, slot in slots.items() if slot.accounted})
 
     def __len__(self) -> int:
         with self._lock:
@@ -2851,7 +2912,9 @@ class Scheduler:
         for fire in fires:
             fire.webhook = fire.webhook or self._webhook(fire.slot)
             reason = self._stopped(fire)
-            timeout = fire.webhook.entry.timeout or self._webhooks.timeout
+            # (an entry stored before [webhook] max_timeout was lowered keeps within it)
+            timeout = min(fire.webhook.entry.timeout or self._webhooks.timeout,
+                          self._webhooks.max_timeout)
             if reason is None and fire.policy["attempts"]:
                 left = fire.scheduled + fire.policy["max_duration"] - now
                 if left < 0:
@@ -2962,7 +3025,8 @@ class Service:
         count = 0
         for doc in self._store.load_tasks():
             try:
-                self._scheduler.put(Task.from_document(doc), doc.get("last"), prepare=False)
+                self._scheduler.put(Task.from_document(doc), doc.get("last"), prepare=False,
+                                    accounted=doc.get("accounted"))
                 count += 1
             except (ScheduleError, KeyError, TypeError, ValueError) as exc:
                 log.error("stored task %r cannot be scheduled: %s", doc.get("identity"), exc)
@@ -2997,15 +3061,14 @@ class Service:
                              self._strict, self._config.max_timeout)
         with self._lock:
             old = self._scheduler.task(task.identity)
-            dates = self._scheduler.dates(task.identity)
-            last = {}
-            for key, entry in task.entries.items():
-                if carries_over(old, task, key):
-                    entry.anchor = old.entries[key].anchor
-                    if dates.get(key, (None, None))[1] is not None:
-                        last[key] = dates[key][1]
-            self._store.save_task(task.document(last))
-            self._scheduler.put(task, last)
+            last, accounted = self._scheduler.marks(task.identity)
+            kept = [key for key in task.entries if carries_over(old, task, key)]
+            for key in kept:
+                task.entries[key].anchor = old.entries[key].anchor
+            last = {key: last[key] for key in kept if key in last}
+            accounted = {key: accounted[key] for key in kept if key in accounted}
+            self._store.save_task(task.document(last, accounted))
+            self._scheduler.put(task, last, accounted=accounted)
         self._writer.write_now(make_log("put", task.identity, body=task.public()))
 
     def _fields(self, request: dict, endpoint: str) -> dict:
@@ -3044,9 +3107,7 @@ class Service:
                 entry = self._entry(task, key)
                 task = dataclasses.replace(task, entries={
                     **task.entries, key: dataclasses.replace(entry, running=running)})
-            last = {k: at for k, (_, at) in self._scheduler.dates(identity).items()
-                    if at is not None}
-            self._store.save_task(task.document(last))
+            self._store.save_task(task.document(*self._scheduler.marks(identity)))
             self._scheduler.set_running(task)
         body = {"identity": identity, **({} if key is None else {"key": key}),
                 "running": running}
@@ -3400,7 +3461,8 @@ def _raise_open_files_limit() -> None:
 
 def _call(base: str, path: str, body: dict, token: str = "") -> Any:
     """POST a JSON body to an endpoint of a schedule-api (ours or the original); return the
-    reply's data, or raise ValidationError with the reply's message or the transport error."""
+    reply's data. Raises ValidationError with the message of an error reply, and
+    ConnectionError when the service does not answer (or answers what is not its API)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -3410,12 +3472,14 @@ def _call(base: str, path: str, body: dict, token: str = "") -> Any:
         with urllib.request.urlopen(request, timeout=60) as reply:
             answer = json.loads(reply.read())
     except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code in (401, 404, 405):  # not a refusal of this task
+            raise ConnectionError(f"{base}{path} answered HTTP {exc.code}") from None
         try:
             answer = json.loads(exc.read())
         except ValueError:
-            raise ValidationError(path, f"HTTP {exc.code} from {base}") from None
+            raise ConnectionError(f"{base}{path} answered HTTP {exc.code}") from None
     except (OSError, ValueError) as exc:
-        raise ValidationError(path, f"{base} did not answer: {exc}") from None
+        raise ConnectionError(f"{base} did not answer: {exc}") from None
     if not isinstance(answer, dict) or answer.get("error") != 0:
         raise ValidationError(path, str(answer.get("msg") if isinstance(answer, dict)
                                         else answer))
@@ -3461,7 +3525,7 @@ def _import_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         _, refused = import_tasks(args.source, args.into, args.source_token, args.token)
-    except ValidationError as exc:
+    except (ValidationError, ConnectionError) as exc:  # the source refused /all, or no answer
         print(f"schedule-api import: {exc}", file=sys.stderr)
         return 2
     return 1 if refused else 0
@@ -3472,7 +3536,10 @@ def _settings_help() -> str:
     lines = ["settings (config.ini [section] option, environment variable, default):"]
     for (section, option), name in CONFIG_KEYS.items():
         variable = f"SCHEDULE_API_{section}_{option}".upper()
-        lines.append(f"  [{section}] {option:<27} {variable:<46} {getattr(Config, name)!r}")
+        default = getattr(Config, name)
+        if name == "log_retention_days":
+            default = f"{SQLITE_RETENTION_DAYS:g} on SQLite, 0 (for ever) on Elasticsearch"
+        lines.append(f"  [{section}] {option:<27} {variable:<46} {default!s}")
     return "\n".join(lines) + "\n\nimport: python schedule_api.py import SOURCE_URL --help"
 
 

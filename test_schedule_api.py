@@ -497,7 +497,8 @@ def test_a_shared_schedule_answers_any_order_of_questions_as_a_fresh_one(cron):
     ("* * * * * *", 100, 100.5, None),
     ("*/10 * * * * *", 95, 130, (100, 130, 4, False)),
     ("* * * * * *", 0, 86400 * 30, (1, 86400 * 30, sa.MISSED_COUNT_LIMIT, True)),
-    ("0 0 3 * * *", 0, 86400 * 400, (3 * 3600, 399 * 86400 + 3 * 3600, 100, True)),
+    ("0 0 3 * * *", 0, 86400 * 400, (3 * 3600, 399 * 86400 + 3 * 3600,
+                                     sa.MISSED_COUNT_LIMIT, True)),
 ])
 def test_missed_instants_counts_and_bounds_the_work(cron, after, until, expected):
     schedule = sa.parse_schedule(cron, sa.load_zone("UTC"))
@@ -1695,6 +1696,29 @@ def test_a_resumed_entry_logs_what_it_missed_while_paused(apps, receiver):
     assert (record["first"], record["last"], record["count"]) == (NOON + 10, NOON + 30, 3)
     assert record["fired"] is False and "the entry was paused" in record["message"][0]
     assert len(receiver.received("/p")) == 1
+    # What was logged missed is not logged again: a second pause, a restart.
+    ok(app.url, "/running", {"identity": "test", "running": False})
+    ok(app.url, "/running", {"identity": "test", "running": True})
+    index = app.config.es_default_index
+    apps.stop(app)
+    app = apps.start(clock=clock, index=index)
+    clock.advance(10)
+    receiver.wait_for(2, "/p")
+    assert len(missed_logs(app)) == 1
+
+
+def test_putting_an_unchanged_task_again_leaves_its_retry_waiting(apps, receiver):
+    app, clock = fake_app(apps)
+    body = hourly(receiver, "/status/500", retry={"attempts": 2, "backoff": 30,
+                                                  "max_backoff": 30})
+    ok(app.url, "/put", body)
+    clock.advance(1)
+    receiver.wait_for(1, "/status/500")
+    wait_until(lambda: app.service.health()["retries_waiting"] == 1, message="a retry")
+    ok(app.url, "/put", body)  # as an import run twice does
+    assert app.service.health()["retries_waiting"] == 1
+    logs = run_fire(app, clock, 10)
+    assert logs[0]["attempts"] == 3 and logs[0]["message"][-1] == "gave up after 3 tries"
 
 
 def test_after_a_suspended_host_an_entry_catches_up_once(apps, receiver):
@@ -1707,7 +1731,8 @@ def test_after_a_suspended_host_an_entry_catches_up_once(apps, receiver):
     late = receiver.wait_for(2, "/s")[1]
     assert late["headers"]["X-Schedule-Time"] == "2024-05-01T12:10:00Z"
     record = wait_until(lambda: missed_logs(app), message="a missed log")[0]
-    assert (record["first"], record["last"], record["count"]) == (NOON + 10, NOON + 600, 60)
+    assert (record["first"], record["last"], record["count"], record["more"]) == (
+        NOON + 10, NOON + 600, sa.MISSED_COUNT_LIMIT, True)  # 60 in all: counted up to 10
     assert "behind: the host was suspended" in record["message"][0]
     clock.advance(10)
     assert receiver.wait_for(3, "/s")[2]["headers"]["X-Schedule-Time"] == "2024-05-01T12:10:10Z"
@@ -2015,6 +2040,8 @@ def test_a_full_disk_keeps_firing_refuses_puts_counts_logs_and_recovers(sqlite_a
     dropped = ok(app.url, "/health")["log_dropped"]
     logged = ok(app.url, "/search", {"identity": "test", "type": "success"})["hits"]["total"]
     assert logged["value"] + dropped >= sent  # each fire is logged or counted, none lost
+    spool = small_disk / "data" / "spool"
+    assert [p.name for p in spool.iterdir() if not p.name.endswith(".jsonl")] == []
 
 
 def test_a_body_trickled_slower_than_request_timeout_is_dropped(sqlite_apps):
