@@ -1605,6 +1605,7 @@ class LogWriter:
                                   for name in self.spooled_files())
         self.dropped = 0
         self._complained = -math.inf  # when the last "cannot write logs" error was logged
+        self._failing = False  # neither store nor disk took the last batch
         self._stop_shipping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._shipper = threading.Thread(target=self._ship_loop, name="log-shipper",
@@ -1793,12 +1794,16 @@ class LogWriter:
                     held = len(self._pending)
                 self._complain("cannot store or spool log records (%s); %d wait in memory, "
                                "retrying each second", exc, held)
+                self._failing = True
                 if closing:
                     return
                 time.sleep(1.0)
                 continue
             with self._cond:
                 self._sending = []
+            if self._failing and batch:
+                self._failing = False
+                log.info("log records are written again (%d dropped in all)", self.dropped)
             if closing:
                 return
 
