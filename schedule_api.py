@@ -2360,9 +2360,9 @@ class Webhooks:
             return _failed(f"request failed: {webhook.problem}"), None
         if fire.deadline is not None:  # max_duration also runs while a fire waits its turn
             timeout = min(timeout, fire.deadline - time.monotonic())
-            if timeout <= 0:
-                return _failed("not sent: max_duration ran out while it waited for a "
-                               "connection"), None
+            if timeout <= 0:  # no try was made: the fire ends, this is not one of its tries
+                return {**_failed("max_duration ran out while it waited for a connection"),
+                        "unsent": True}, None
         data = webhook.encode(fire.scheduled, len(fire.tries) + 1, self._secrets)
         phase, conn, reply = "connecting", self._take_idle(origin), None
         try:
@@ -2922,10 +2922,10 @@ class Scheduler:
                           self._webhooks.max_timeout)
             if reason is None and fire.policy["attempts"]:
                 left = fire.scheduled + fire.policy["max_duration"] - now
-                if left < 0:
+                if left <= 0:
                     reason = f"gave up: max_duration of {fire.policy['max_duration']:g} s reached"
                 timeout = max(0.1, min(timeout, left))
-                fire.deadline = time.monotonic() + left  # also while it waits its turn
+                fire.deadline = time.monotonic() + timeout  # also while it waits its turn
             if reason is None:
                 fire.sent_at, fire.timeout = now, timeout
                 ready.append(fire)
@@ -2937,6 +2937,10 @@ class Scheduler:
         """Take a try's outcome (on the webhooks' loop): queue the fire's retry or end it."""
         if outcome is None:
             self._finish(fire, "stopped: the service shut down before the next try")
+            return
+        if outcome.get("unsent"):
+            self._finish(fire, f"gave up: max_duration of {fire.policy['max_duration']:g} s "
+                               f"reached ({outcome['error']})")
             return
         outcome["at"] = fire.sent_at
         fire.tries.append(outcome)
