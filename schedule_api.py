@@ -318,10 +318,14 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
         for (section, option), name in CONFIG_KEYS.items():
             if parser.has_option(section, option):
                 values[name] = _convert(name, parser.get(section, option), f"[{section}] {option}")
-    for (section, option), name in CONFIG_KEYS.items():
-        variable = f"SCHEDULE_API_{section}_{option}".upper()
-        if variable in environ:
-            values[name] = _convert(name, environ[variable], variable)
+    variables = {f"SCHEDULE_API_{section}_{option}".upper(): name
+                 for (section, option), name in CONFIG_KEYS.items()}
+    for variable, raw in environ.items():
+        if variable.startswith("SCHEDULE_API_"):
+            if variable not in variables:  # a typo must stop the start, as in config.ini
+                raise ValidationError(variable, "is not a known setting" +
+                                      nearest(variable, variables))
+            values[variables[variable]] = _convert(variables[variable], raw, variable)
     values.update({name: value for name, value in flags.items() if value is not None})
     config = Config(**values)
     if not 0 <= config.port <= 65535:

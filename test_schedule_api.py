@@ -1,12 +1,12 @@
 """Tests of schedule_api.py, grouped by the module's sections.
 
 Everything is real: the API through HTTP on 127.0.0.1, webhooks to a receiver on 127.0.0.1,
-SQLite on disk, and Elasticsearch on a real node when SCHEDULE_API_TEST_ES names one (always
+SQLite on disk, and Elasticsearch on a real node when SCHEDULE_TEST_ES names one (always
 in CI: `.ci/run` starts it with `.ci/es-node`). Schedule arithmetic runs on plain instants and
 the scheduler on a fake clock; tests that must wait poll with a deadline.
 
     pytest -q test_schedule_api.py                                    # SQLite only
-    SCHEDULE_API_TEST_ES=http://127.0.0.1:9200 pytest -q test_schedule_api.py
+    SCHEDULE_TEST_ES=http://127.0.0.1:9200 pytest -q test_schedule_api.py
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pytest
 import schedule_api as sa
 
 HERE = Path(__file__).resolve().parent
-ES_URL = os.environ.get("SCHEDULE_API_TEST_ES", "")
+ES_URL = os.environ.get("SCHEDULE_TEST_ES", "")
 STORES = ["sqlite", "elasticsearch"]
 NY = "America/New_York"
 
@@ -184,9 +184,9 @@ class FakeClock(sa.Clock):
 def store_kind(request):
     if request.param == "elasticsearch" and not ES_URL:
         if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set: the Elasticsearch "
+            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set: the Elasticsearch "
                         "tests must run in CI")
-        pytest.skip("SCHEDULE_API_TEST_ES not set")
+        pytest.skip("SCHEDULE_TEST_ES not set")
     return request.param
 
 
@@ -295,6 +295,14 @@ def test_config_rejects_bad_value_naming_the_option(tmp_path, text, named):
     ini.write_text(text)
     with pytest.raises(sa.ValidationError, match=re.escape(named)):
         sa.load_config(str(ini), environ={})
+
+
+def test_config_refuses_an_unknown_variable_naming_the_nearest():
+    with pytest.raises(sa.ValidationError, match=re.escape(
+            "SCHEDULE_API_SERVER_PROT: is not a known setting; did you mean "
+            "'SCHEDULE_API_SERVER_PORT'?")):
+        sa.load_config(None, environ={"SCHEDULE_API_SERVER_PROT": "1"})
+    assert sa.load_config(None, environ={"SCHEDULE_API_SERVER_PORT": "1", "OTHER": "x"}).port == 1
 
 
 def test_config_missing_file_is_an_error_when_named(tmp_path):
@@ -748,8 +756,8 @@ class TcpProxy:
 def es_apps(tmp_path):
     if not ES_URL:
         if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_API_TEST_ES is not set")
-        pytest.skip("SCHEDULE_API_TEST_ES not set")
+            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set")
+        pytest.skip("SCHEDULE_TEST_ES not set")
     a = Apps("elasticsearch", tmp_path)
     yield a
     a.close()
@@ -767,17 +775,23 @@ def fire_keys_logged(url, identity):
                   if h["_source"]["type"] in ("success", "error"))
 
 
-def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
+def go_index(es_apps):
+    """A logs index as the Go service leaves it (dynamic mapping: text + .keyword), and a
+    service on it."""
     index = f"test-{uuid.uuid4().hex[:12]}"
     es = es_client()
-    for i, identity in enumerate(["a", "a-b", "a b"]):  # dynamic mapping: text + .keyword
+    for i, identity in enumerate(["a", "a-b", "a b"]):
         es.index(index=index, id=f"go{i}", refresh=True, document={
             "type": "put", "identity": identity, "time": 1000 + i,
             "body": {"identity": identity, "time_zone": "Asia/Shanghai", "start": True}})
     mapping = es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
     assert mapping["identity"]["type"] == "text"  # as the Go service left it
-    app = es_apps.start(index=index)
     es_apps.indices.add(index)
+    return es, index, es_apps.start(index=index)
+
+
+def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
+    es, index, app = go_index(es_apps)
     hits = ok(app.url, "/search", {"identity": "a"})["hits"]
     assert hits["total"]["value"] == 1 and hits["hits"][0]["_id"] == "go0"
     assert ok(app.url, "/search", {"type": "put", "identity": "a b"})["hits"]["total"][
@@ -791,7 +805,13 @@ def test_es_index_made_by_the_go_service_keeps_exact_filters(es_apps):
     mapping = es.indices.get_mapping(index=index)[index]["mappings"]
     assert mapping["dynamic"] == "false" and mapping["properties"]["response"] == {
         "type": "object", "enabled": False}
+
+
+def test_es_clear_on_an_index_made_by_the_go_service_is_exact(es_apps):  # _delete_by_query
+    _, _, app = go_index(es_apps)
+    seed_logs(app)
     ok(app.url, "/clear", {"identity": "a"})
+    assert ok(app.url, "/search", {"identity": "a"})["hits"]["total"]["value"] == 0
     assert ok(app.url, "/search", {"identity": "a-b"})["hits"]["total"]["value"] == 3
 
 
@@ -2092,8 +2112,7 @@ def test_readme_example_round_trip(app, receiver):
     assert ok(app.url, "/all") == []
     assert ok(app.url, "/search", {"identity": "test", "type": "delete"})["hits"]["total"][
         "value"] == 1
-    assert post(app.url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
-    assert ok(app.url, "/search", {"identity": "test"})["hits"]["total"]["value"] == 0
+    # (/clear, the README's last example: test_clear_deletes_only_that_identitys_logs)
 
 
 @pytest.mark.parametrize("path", ["/get", "/running", "/delete"])
@@ -2213,9 +2232,9 @@ def test_search_rejects_bad_queries(sqlite_app, query, field):
     assert reply["error"] == 1 and reply["msg"].startswith(field + ":"), reply
 
 
-def test_clear_deletes_only_that_identitys_logs(app):
+def test_clear_deletes_only_that_identitys_logs(app):  # _delete_by_query on Elasticsearch
     seed_logs(app)
-    ok(app.url, "/clear", {"identity": "a"})
+    assert post(app.url, "/clear", {"identity": "a"}) == (200, {"error": 0, "msg": "ok"})
     hits = ok(app.url, "/search", {})["hits"]
     assert sorted({h["_source"]["identity"] for h in hits["hits"]}) == ["a-b", "b"]
     assert hits["total"]["value"] == 3
@@ -2363,7 +2382,6 @@ def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
         status, reply = post(url, "/put", raw=bad)
         assert status == 200 and reply["error"] == 1 and reply["msg"]
     assert post(url, "/nope", {})[0] == 404
-    assert post(url, "/clear", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
     assert post(url, "/delete", {"identity": "test"}) == (200, {"error": 0, "msg": "ok"})
     assert ok(url, "/all") == []
     assert svc.kill(signal.SIGTERM) == 0

@@ -1,0 +1,25 @@
+// A Node whose plugins are classes already on the classpath, for Elasticsearch 8.x before
+// PluginsLoader (tested on 8.15.3). The real launcher loads each module from its folder in
+// its own class loader, and no public constructor takes plugin classes any more; so this
+// class sits in Elasticsearch's package to reach the package-private NodeConstruction.
+package org.elasticsearch.node;
+
+import java.util.List;
+
+import org.elasticsearch.common.settings.Settings;
+import org.elasticsearch.env.Environment;
+import org.elasticsearch.plugins.ClasspathPluginsService;
+import org.elasticsearch.plugins.Plugin;
+import org.elasticsearch.plugins.PluginsService;
+
+public class ClasspathNode extends Node {
+
+    public ClasspathNode(Environment env, List<Class<? extends Plugin>> plugins) {
+        super(NodeConstruction.prepareConstruction(env, new NodeServiceProvider() {
+            @Override
+            PluginsService newPluginService(Environment environment, Settings settings) {
+                return new ClasspathPluginsService(settings, environment, plugins);
+            }
+        }, true));
+    }
+}
