@@ -2388,8 +2388,9 @@ def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
     assert "Traceback" not in svc.log.read_text()
 
 
-def test_import_copies_every_task_of_a_running_instance_idempotently(tmp_path):
-    source_apps, into_apps = both = (Apps("sqlite", tmp_path / "a"), Apps("sqlite", tmp_path / "b"))
+def test_import_copies_every_task_of_a_running_instance_idempotently(store_kind, tmp_path):
+    source_apps, into_apps = both = (Apps("sqlite", tmp_path / "a"),
+                                     Apps(store_kind, tmp_path / "b"))
     try:
         source = source_apps.start()
         into = into_apps.start(max_timeout=10, token="t0k")
