@@ -1912,7 +1912,9 @@ def _proxy_for(scheme: str, host: str, proxies: dict[str, str]
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     auth = None
     if parts.username is not None:
-        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        user, password = (urllib.parse.unquote(part or "") for part in (parts.username,
+                                                                      parts.password))
+        pair = f"{user}:{password}"
         auth = "Basic " + base64.b64encode(pair.encode()).decode()
     return parts.hostname or "", parts.port or 80, auth
 

@@ -1381,7 +1381,8 @@ def test_unchanged_entry_keeps_its_next_and_last_fire(scheduler):
     assert scheduler.dates("t")["k"] == before == (START + 30, START + 20)
 
 
-@pytest.mark.parametrize("cron", ["@every 25s", "CRON_TZ=UTC @every 25s", "TZ=Asia/Tokyo  @every 25s"])
+@pytest.mark.parametrize("cron", ["@every 25s", "CRON_TZ=UTC @every 25s",
+                                  "TZ=Asia/Tokyo  @every 25s"])
 def test_every_entry_fires_from_its_anchor(scheduler, cron):
     scheduler.put(entries_task("e", cron, anchor=START + 3))
     drive(scheduler, 80)
