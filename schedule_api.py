@@ -24,7 +24,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
     /clear    delete the logs of one task
 
 and ours: /retry (send a failed fire again), /trigger (fire an entry now), /preview (the
-next fires of a cron_time), and ``GET /health`` for load balancers and Docker's HEALTHCHECK.
+next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK, and
+``GET /metrics`` for Prometheus.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class Config:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 30.0
     ignore_unknown_fields: bool = False
+    metrics_public: bool = False
     data: str = "data"
     webhook_timeout: float = 10.0
     max_timeout: float = 300.0
@@ -228,6 +230,7 @@ CONFIG_KEYS = {
     ("server", "max_body_bytes"): "max_body_bytes",
     ("server", "request_timeout"): "request_timeout",
     ("server", "ignore_unknown_fields"): "ignore_unknown_fields",
+    ("server", "metrics_public"): "metrics_public",
     ("server", "log_level"): "log_level",
     ("storage", "path"): "data",
     ("storage", "spool_max_bytes"): "spool_max_bytes",
@@ -346,6 +349,93 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValidationError("[server] log_level", "must be DEBUG, INFO, WARNING or ERROR")
     return config
+
+
+# Metrics ####################################################################################
+
+class Metrics:
+    """Counters and histograms for GET /metrics, in Prometheus' text format 0.0.4.
+
+    Label values come from small fixed sets (outcomes, endpoints, statuses), never from a
+    task, a key or a URL, so the series stay few however many tasks there are. Gauges are
+    read when the page is rendered (render()'s ``gauges``). Thread-safe: one lock, held for
+    a dictionary update.
+    """
+
+    # Seconds: 1 ms to 10 s, as lateness and webhook durations range.
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    HELP: ClassVar[dict[str, tuple[str, str]]] = {
+        "schedule_fires_total":
+            ("counter", "Fires ended, by outcome: success, error, skipped (overlap forbid)."),
+        "schedule_fires_missed_total":
+            ("counter", "Fire instants missed while nothing fired (down, paused, suspended)."),
+        "schedule_fire_lateness_seconds":
+            ("histogram", "From a fire's instant to its first request on the wire."),
+        "schedule_webhook_duration_seconds":
+            ("histogram", "Duration of each try, connecting included."),
+        "schedule_store_errors_total": ("counter", "Store calls that failed."),
+        "schedule_http_requests_total":
+            ("counter", "API requests answered, by endpoint and HTTP status."),
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards _counters and _histograms
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._histograms = {name: [[0] * len(self.BUCKETS), 0.0, 0] for name, (kind, _) in
+                            self.HELP.items() if kind == "histogram"}
+
+    def count(self, name: str, value: float = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + value
+
+    def observe(self, name: str, seconds: float) -> None:
+        index = bisect.bisect_left(self.BUCKETS, seconds)
+        with self._lock:
+            buckets, _, _ = histogram = self._histograms[name]
+            if index < len(buckets):
+                buckets[index] += 1
+            histogram[1] += seconds
+            histogram[2] += 1
+
+    def render(self, gauges: dict[str, tuple[str, list[tuple[dict, float]]]]) -> str:
+        """Return the exposition text: every counter and histogram, and ``gauges`` given as
+        {name: (help, [(labels, value)])}."""
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {name: ([*h[0]], h[1], h[2]) for name, h in self._histograms.items()}
+        lines = []
+
+        def series(name: str, labels: dict | tuple, value: float) -> None:
+            pairs = labels.items() if isinstance(labels, dict) else labels
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in pairs)
+            number = str(value) if isinstance(value, int) else repr(float(value))
+            lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
+
+        for name, (kind, text) in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "counter":
+                for (counter, labels), value in sorted(counters.items()):
+                    if counter == name:
+                        series(name, labels, value)
+                continue
+            buckets, total, count = histograms[name]
+            cumulative = 0
+            for bound, hits in zip(self.BUCKETS, buckets, strict=True):
+                cumulative += hits
+                series(f"{name}_bucket", {"le": repr(bound)}, cumulative)
+            series(f"{name}_bucket", {"le": "+Inf"}, count)
+            series(f"{name}_sum", {}, total)
+            series(f"{name}_count", {}, count)
+        for name, (text, values) in gauges.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+            for labels, value in values:
+                series(name, labels, value)
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 # Schedules ##################################################################################
@@ -1586,8 +1676,9 @@ class LogWriter:
 
     def __init__(self, store, spool_dir: str, interval: float = 0.5, max_batch: int = 2000,
                  spool_max_bytes: int = 256 << 20, retention: float = 0.0,
-                 max_bytes: int = 0):
+                 max_bytes: int = 0, metrics: Metrics | None = None):
         self._store = store
+        self._metrics = metrics or Metrics()
         self._retention = retention  # seconds logs are kept; 0: for ever
         self._max_bytes = max_bytes
         self._spool_dir = spool_dir
@@ -1649,6 +1740,7 @@ class LogWriter:
         try:
             self._store.append_logs(batch)
         except StoreError as exc:
+            self._metrics.count("schedule_store_errors_total")
             log.warning("log store failed (%s); spooling %d records", exc, len(batch))
             self._spool(batch)
 
@@ -2218,7 +2310,8 @@ class Webhooks:
     headers, whole reply: all within the fire's ``timeout``) is the loop's; no thread waits.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics: Metrics | None = None):
+        self._metrics = metrics or Metrics()
         self.timeout = config.webhook_timeout
         self.max_timeout = config.max_timeout
         self.proxies = urllib.request.getproxies()  # the environment's, read once
@@ -2347,7 +2440,9 @@ class Webhooks:
         except Exception as exc:  # a bug must cost one try, never the fire's log
             log.exception("webhook of %s/%s failed", fire.webhook.identity, fire.webhook.key)
             outcome = _failed(f"internal error: {type(exc).__name__}")
-        outcome["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        duration = time.monotonic() - started
+        outcome["duration_ms"] = round(duration * 1000, 3)
+        self._metrics.observe("schedule_webhook_duration_seconds", duration)
         origin.busy -= 1
         self._busy -= 1
         if kept is not None:
@@ -2371,6 +2466,7 @@ class Webhooks:
                         "unsent": True}, None
         data = webhook.encode(fire.scheduled, len(fire.tries) + 1, self._secrets)
         phase, conn, reply = "connecting", self._take_idle(origin), None
+        late = not fire.tries and not fire.triggered
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -2381,6 +2477,10 @@ class Webhooks:
                         conn = await self._connect(webhook)
                     phase = "waiting for the reply"
                     conn.writer.write(data)
+                    if late:  # a first try on the wire: how late (real time, once)
+                        self._metrics.observe("schedule_fire_lateness_seconds",
+                                              max(0.0, time.time() - fire.scheduled))
+                        late = False
                     try:
                         reply = _Reply(await conn.reader.readuntil(b"\r\n\r\n"))
                     except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -2585,7 +2685,9 @@ class Scheduler:
 
     def __init__(self, webhooks: Webhooks, sink: Callable[[dict], None],
                  clock: Clock | None = None, retry_attempts: int = 0,
-                 schedules: Schedules | None = None, misfire_grace: float = 3600.0):
+                 schedules: Schedules | None = None, misfire_grace: float = 3600.0,
+                 metrics: Metrics | None = None):
+        self._metrics = metrics or Metrics()
         self._webhooks = webhooks
         self._sink = sink
         self._clock = clock or Clock()
@@ -2678,6 +2780,7 @@ class Scheduler:
             return
         first, last, count, more = missed
         slot.accounted = last
+        self._metrics.count("schedule_fires_missed_total", count)
         entry = slot.entry
         grace = self._misfire_grace if entry.misfire_grace is None else entry.misfire_grace
         late = entry.misfire == "once" and now - last <= grace
@@ -2791,6 +2894,18 @@ class Scheduler:
         with self._lock:
             return {key: (slot.next if slot.running else None, slot.last)
                     for key, slot in self._slots.get(identity, {}).items()}
+
+    def counts(self) -> dict[str, int]:
+        """Return how many tasks and entries run and are paused."""
+        with self._lock:
+            counts = dict.fromkeys(("tasks running", "tasks paused", "entries running",
+                                    "entries paused"), 0)
+            for task in self._tasks.values():
+                counts["tasks running" if task.start else "tasks paused"] += 1
+                for entry in task.entries.values():
+                    running = task.start and entry.running
+                    counts["entries running" if running else "entries paused"] += 1
+            return counts
 
     def marks(self, identity: str) -> tuple[dict[str, float], dict[str, float]]:
         """Return a task's ({key: last fire}, {key: missed fires logged up to}) to store."""
@@ -2978,6 +3093,9 @@ class Scheduler:
             record["_since"] = fire.webhook.entry.anchor
         log.debug("fired %s/%s: %s after %d tries", fire.webhook.identity, fire.webhook.key,
                   record["type"], len(fire.tries))
+        skipped = not fire.tries and (fire.stop or "").startswith("skipped")
+        self._metrics.count("schedule_fires_total", outcome="skipped" if skipped else
+                            record["type"])
         self._sink(record)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -3017,16 +3135,18 @@ class Service:
     OPERATIONS = ("put", "get", "all", "lists", "running", "delete", "search", "clear",
                   "retry", "preview", "trigger")
 
-    def __init__(self, config: Config, store, writer: LogWriter, clock: Clock | None = None):
+    def __init__(self, config: Config, store, writer: LogWriter, clock: Clock | None = None,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
         self._config = config
         self._store = store
         self._writer = writer
         self._clock = clock or Clock()
         self._schedules = Schedules()
-        self._webhooks = Webhooks(config)
+        self._webhooks = Webhooks(config, self.metrics)
         self._scheduler = Scheduler(self._webhooks, writer.write, self._clock,
                                     config.retry_attempts, self._schedules,
-                                    config.misfire_grace)
+                                    config.misfire_grace, self.metrics)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
         self._strict = not config.ignore_unknown_fields
         self.ready = threading.Event()  # set once the stored tasks are loaded
@@ -3232,6 +3352,37 @@ class Service:
             fires.append({"date": rfc3339(t, zone), "time": t, "dst": dst})
         return fires
 
+    def metrics_text(self) -> str:
+        """Return GET /metrics: the counters and histograms, and the gauges as they are."""
+        state, webhooks = self._scheduler.stats(), self._webhooks.stats()
+        counts = self._scheduler.counts()
+
+        def one(text: str, value: float) -> tuple[str, list]:
+            return text, [({}, value)]
+        return self.metrics.render({
+            "schedule_build_info": ("Always 1; the version as a label.",
+                                    [({"version": __version__}, 1)]),
+            "schedule_fires_in_flight": one("Fires being tried.", state["fires_running"]),
+            "schedule_retries_waiting": one("Fires waiting for their next try.",
+                                            state["retries_waiting"]),
+            "schedule_webhooks_waiting": one("Requests waiting for a connection.",
+                                             webhooks["webhooks_waiting"]),
+            "schedule_connections_open": one("Connections open to receivers.",
+                                             webhooks["connections_open"]),
+            "schedule_log_backlog": one("Log records waiting in memory.",
+                                        self._writer.backlog()),
+            "schedule_log_spool_bytes": one("Bytes of log records in the spool.",
+                                            self._writer.spooled_bytes()),
+            "schedule_log_dropped": one("Log records dropped since the start (spool and "
+                                        "memory full).", self._writer.dropped),
+            "schedule_tasks": ("Tasks, by state.", [
+                ({"state": "running"}, counts["tasks running"]),
+                ({"state": "paused"}, counts["tasks paused"])]),
+            "schedule_entries": ("Entries, by state.", [
+                ({"state": "running"}, counts["entries running"]),
+                ({"state": "paused"}, counts["entries paused"])]),
+        })
+
     def health(self) -> dict:
         return {"version": __version__, "ready": self.ready.is_set(),
                 "tasks": len(self._scheduler), **self._scheduler.stats(),
@@ -3266,13 +3417,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reply(code, {"error": 1, "msg": message or self.responses.get(code, ("",))[0]})
 
     def _reply(self, status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()):
+        self._answer(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _answer(self, status: int, body: bytes, content_type: str,
+                headers: Iterable[tuple[str, str]] = ()):
         if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
             # Answered without reading the body: the connection cannot serve another request.
             self.close_connection = True
-        body = json.dumps(payload).encode()
+        path = urllib.parse.urlsplit(getattr(self, "path", "")).path.rstrip("/") or "/"
+        known = path in ("/health", "/metrics") or path[1:] in Service.OPERATIONS
+        self.server.service.metrics.count("schedule_http_requests_total",
+                                          endpoint=path if known else "other",
+                                          status=str(status))
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for name, value in headers:
                 self.send_header(name, value)
@@ -3342,12 +3501,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return None
         return request
 
+    def _authorized(self) -> bool:
+        """Return True when no token is set or the request carries it; else answer 401."""
+        token = self.server.config.token
+        if not token:
+            return True
+        # The scheme is case-insensitive (RFC 9110 11.1): "bearer x" is "Bearer x".
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("utf-8", "replace"), token.encode()):
+            return True
+        self._fail(401, "missing or wrong Authorization: Bearer <token>",
+                   [("WWW-Authenticate", "Bearer")])
+        return False
+
     def _dispatch(self) -> None:
         self._body_read = False
         path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
         name = path[1:]
         if path == "/health":
             self._reply(200, {"error": 0, "data": self.server.service.health()})
+            return
+        if path == "/metrics":  # Prometheus scrapes with GET
+            if self.server.config.metrics_public or self._authorized():
+                self._answer(200, self.server.service.metrics_text().encode(),
+                             "text/plain; version=0.0.4; charset=utf-8")
             return
         if name not in Service.OPERATIONS:
             self._fail(404, f"no endpoint {path}; endpoints: "
@@ -3360,15 +3538,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._fail(503, "starting: the stored tasks are still loading; try again shortly",
                        [("Retry-After", "1")])
             return
-        token = self.server.config.token
-        if token:
-            # The scheme is case-insensitive (RFC 9110 11.1): "bearer x" is "Bearer x".
-            scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    given.strip().encode("utf-8", "replace"), token.encode()):
-                self._fail(401, "missing or wrong Authorization: Bearer <token>",
-                           [("WWW-Authenticate", "Bearer")])
-                return
+        if not self._authorized():
+            return
         request = self._read_request()
         if request is None:
             return
@@ -3378,6 +3549,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._fail(200, str(exc))
         except StoreError as exc:
             log.warning("%s refused by the store: %s", path, exc)
+            self.server.service.metrics.count("schedule_store_errors_total")
             self._fail(200, f"store unavailable, nothing changed: {exc}")
         except Exception:
             log.exception("%s failed", path)
@@ -3424,14 +3596,16 @@ class App:
     def __init__(self, config: Config, clock: Clock | None = None):
         self.config = config
         self.store = open_store(config)
+        self.metrics = Metrics()
         days = config.log_retention_days
         if days < 0:  # the store's default
             days = SQLITE_RETENTION_DAYS if self.store.kind == "sqlite" else 0.0
         self.writer = LogWriter(self.store, os.path.join(config.data, "spool"),
                                 interval=config.flush_interval,
                                 spool_max_bytes=config.spool_max_bytes,
-                                retention=days * 86400, max_bytes=config.max_log_bytes)
-        self.service = Service(config, self.store, self.writer, clock)
+                                retention=days * 86400, max_bytes=config.max_log_bytes,
+                                metrics=self.metrics)
+        self.service = Service(config, self.store, self.writer, clock, self.metrics)
         self.server = make_server(config, self.service)
         self._thread: threading.Thread | None = None
 

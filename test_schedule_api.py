@@ -671,6 +671,59 @@ def test_health_answers_get_with_the_store_state(app):
     assert reply["data"]["store"] == app.store.kind and reply["data"]["ok"] is True
 
 
+def scrape(url, token=None):
+    """GET /metrics, parsed by Prometheus' own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+    conn.request("GET", "/metrics", headers=headers)
+    reply = conn.getresponse()
+    text = reply.read().decode()
+    conn.close()
+    assert reply.status == 200, text
+    assert reply.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_parse_as_prometheus_and_move_as_fires_happen(apps, receiver):
+    app = apps.start(token="s3cret")
+    assert post(app.url, "/metrics", method="GET")[0] == 401  # the token rule of the API
+    before = scrape(app.url, "s3cret")
+    assert before[("schedule_build_info", (("version", sa.__version__),))] == 1
+    assert before[("schedule_fire_lateness_seconds_count", ())] == 0
+    for identity, path in (("ok", "/m"), ("bad", "/status/500")):
+        status, _ = post(app.url, "/put", task(identity=identity, url=receiver.url + path,
+                                               cron="* * * * * *"),
+                         headers={"Authorization": "Bearer s3cret"})
+        assert status == 200
+    receiver.wait_for(2, "/m")
+    receiver.wait_for(1, "/status/500")
+    def counted():
+        metrics = scrape(app.url, "s3cret")
+        done = metrics.get(("schedule_fires_total", (("outcome", "success"),)), 0) >= 2 and \
+            metrics.get(("schedule_fires_total", (("outcome", "error"),)), 0) >= 1
+        return done and metrics
+    metrics = wait_until(counted, message="fires counted")
+    count = metrics[("schedule_fire_lateness_seconds_count", ())]
+    assert count >= 3 and metrics[("schedule_webhook_duration_seconds_count", ())] >= 3
+    assert metrics[("schedule_fire_lateness_seconds_bucket", (("le", "+Inf"),))] == count
+    assert metrics[("schedule_fire_lateness_seconds_bucket", (("le", "1.0"),))] == count
+    assert metrics[("schedule_http_requests_total", (("endpoint", "/put"), ("status", "200")))] == 2
+    assert metrics[("schedule_http_requests_total", (("endpoint", "/metrics"),
+                                                    ("status", "401")))] == 1
+    assert metrics[("schedule_tasks", (("state", "running"),))] == 2
+    assert metrics[("schedule_entries", (("state", "paused"),))] == 0
+    assert metrics[("schedule_log_dropped", ())] == 0
+    assert not any("ok" in str(labels) or receiver.url in str(labels) for _, labels in metrics)
+
+
+def test_metrics_may_be_public(sqlite_apps):
+    app = sqlite_apps.start(token="s3cret", metrics_public=True)
+    assert scrape(app.url)[("schedule_tasks", (("state", "running"),))] == 0
+    assert post(app.url, "/all")[0] == 401  # the API keeps its token
+
+
 def test_token_guards_every_endpoint_but_health(apps):
     app = apps.start(token="s3cret")
     status, reply = post(app.url, "/all")
