@@ -35,6 +35,7 @@ import asyncio
 import base64
 import bisect
 import calendar
+import collections
 import concurrent.futures
 import configparser
 import contextlib
@@ -219,6 +220,8 @@ class Config:
     log_retention_days: float = -1.0  # -1: the store's own default (SQLITE_RETENTION_DAYS)
     max_log_bytes: int = 2 << 30
     log_level: str = "INFO"
+    log_format: str = "text"
+    summary_interval: float = 60.0
 
 
 # config.ini section/option -> Config field; the environment variable is
@@ -232,6 +235,8 @@ CONFIG_KEYS = {
     ("server", "ignore_unknown_fields"): "ignore_unknown_fields",
     ("server", "metrics_public"): "metrics_public",
     ("server", "log_level"): "log_level",
+    ("server", "log_format"): "log_format",
+    ("server", "summary_interval"): "summary_interval",
     ("storage", "path"): "data",
     ("storage", "spool_max_bytes"): "spool_max_bytes",
     ("storage", "flush_interval"): "flush_interval",
@@ -348,6 +353,8 @@ def load_config(path: str | None = None, environ: dict | None = None, **flags: A
             raise ValidationError(option, "must be above 0")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValidationError("[server] log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    if config.log_format not in ("text", "json"):
+        raise ValidationError("[server] log_format", "must be text or json")
     return config
 
 
@@ -397,6 +404,12 @@ class Metrics:
                 buckets[index] += 1
             histogram[1] += seconds
             histogram[2] += 1
+
+    def totals(self) -> tuple[dict[tuple, float], list[int]]:
+        """Return a copy of the counters and of the lateness histogram's bucket counts."""
+        with self._lock:
+            return dict(self._counters), [*self._histograms[
+                "schedule_fire_lateness_seconds"][0]]
 
     def render(self, gauges: dict[str, tuple[str, list[tuple[dict, float]]]]) -> str:
         """Return the exposition text: every counter and histogram, and ``gauges`` given as
@@ -2693,6 +2706,7 @@ class Scheduler:
         self._clock = clock or Clock()
         self._retry_attempts = retry_attempts
         self._misfire_grace = misfire_grace
+        self._failed: collections.Counter[str] = collections.Counter()  # since take_failed()
         self._missed_memo: dict[tuple, tuple | None] = {}  # see _log_missed
         # Shared by the entries that give no retry of their own (read only): a dict per
         # entry would be 23 MB for 100,000 of them.
@@ -2895,6 +2909,12 @@ class Scheduler:
             return {key: (slot.next if slot.running else None, slot.last)
                     for key, slot in self._slots.get(identity, {}).items()}
 
+    def take_failed(self) -> collections.Counter[str]:
+        """Return the failed fires by task since the last call, and start again."""
+        with self._lock:
+            failed, self._failed = self._failed, collections.Counter()
+            return failed
+
     def counts(self) -> dict[str, int]:
         """Return how many tasks and entries run and are paused."""
         with self._lock:
@@ -3093,6 +3113,9 @@ class Scheduler:
             record["_since"] = fire.webhook.entry.anchor
         log.debug("fired %s/%s: %s after %d tries", fire.webhook.identity, fire.webhook.key,
                   record["type"], len(fire.tries))
+        if record["type"] == "error":
+            with self._lock:
+                self._failed[fire.webhook.identity] += 1
         skipped = not fire.tries and (fire.stop or "").startswith("skipped")
         self._metrics.count("schedule_fires_total", outcome="skipped" if skipped else
                             record["type"])
@@ -3351,6 +3374,33 @@ class Service:
                 break
             fires.append({"date": rfc3339(t, zone), "time": t, "dst": dst})
         return fires
+
+    def summary(self, since: tuple[dict, list[int]]) -> tuple[str, tuple[dict, list[int]]]:
+        """Return a line saying what happened since ``since`` (a Metrics.totals()), and the
+        totals to give next time: fires by outcome, the tasks that failed most, missed
+        fires, the lateness p99 (to its histogram bucket's bound), logs dropped."""
+        now = self.metrics.totals()
+        counters, buckets = (({k: v - since[0].get(k, 0) for k, v in now[0].items()}),
+                             [b - a for a, b in zip(since[1], now[1], strict=True)])
+        fired = {dict(labels)["outcome"]: int(v) for (name, labels), v in counters.items()
+                 if name == "schedule_fires_total" and v}
+        failed = self._scheduler.take_failed()
+        top = ", ".join(f"{task} {count}" for task, count in failed.most_common(5))
+        missed = int(sum(v for (name, _), v in counters.items()
+                         if name == "schedule_fires_missed_total"))
+        p99, total, seen = None, sum(buckets), 0
+        for bound, hits in zip(Metrics.BUCKETS, buckets, strict=True):
+            seen += hits
+            if p99 is None and total and seen >= 0.99 * total:
+                p99 = bound
+        late = (f"lateness p99 <= {p99 * 1000:g} ms" if p99 is not None else
+                "lateness p99 over 10 s" if total else "no first tries")
+        outcomes = ", ".join(f"{n} {kind}" for kind, n in fired.items()) or "none"
+        failures = f"; failed most: {top}" if top else ""
+        line = (f"{sum(fired.values())} fires ({outcomes}){failures}; {missed} missed; "
+                f"{late}; {self._writer.dropped} logs dropped in all; "
+                f"{len(self._scheduler)} tasks")
+        return line, now
 
     def metrics_text(self) -> str:
         """Return GET /metrics: the counters and histograms, and the gauges as they are."""
@@ -3636,6 +3686,20 @@ class App:
         self.store.close()
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers: time, level, logger, message (and the
+    traceback, when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
 def _raise_open_files_limit() -> None:
     """Raise the soft limit of open files to the hard one, as Go's runtime does: a burst to
     many receivers needs max_connections sockets, and 1,024 is a common soft limit."""
@@ -3754,8 +3818,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"schedule-api: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     if log.getEffectiveLevel() > logging.DEBUG:
         # The client logs every request at INFO and every failure with a traceback at
         # WARNING; the store's own messages say what failed in one line.
@@ -3783,8 +3849,12 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as exc:
             log.warning("cannot load tasks, retrying in 5 s: %s", exc)
             stopping.wait(5)
+    totals, summary_at = app.metrics.totals(), time.monotonic() + config.summary_interval
     while not stopping.wait(1):  # short waits: signal handlers run between them
-        pass
+        if config.summary_interval and time.monotonic() >= summary_at:
+            line, totals = app.service.summary(totals)
+            log.info("last %g s: %s", config.summary_interval, line)
+            summary_at += config.summary_interval
     app.close(config.webhook_timeout)
     log.info("stopped")
     return 0

@@ -2501,6 +2501,38 @@ def test_a_second_process_on_one_sqlite_data_folder_is_refused(tmp_path):
             first.kill()
 
 
+def test_json_logs_and_a_summary_a_person_can_read(tmp_path, receiver):
+    svc = Process(tmp_path, f"[server]\nhost = 127.0.0.1\nport = 0\nlog_format = json\n"
+                            f"summary_interval = 1\n[storage]\npath = {tmp_path / 'data'}\n")
+    with open(svc.log, "w") as log_file:
+        svc.proc = subprocess.Popen([sys.executable, str(HERE / "schedule_api.py"),
+                                     "--config", str(svc.config)], stderr=log_file)
+    try:
+        def lines():
+            return [json.loads(line) for line in svc.log.read_text().splitlines()]
+        ready = wait_until(lambda: [e for e in lines() if e["message"].startswith("ready:")],
+                           timeout=20, message="the service")
+        assert set(ready[0]) == {"time", "level", "logger", "message"}
+        url = next(e["message"].rsplit(" ", 1)[1] for e in lines()
+                   if " listening on " in e["message"])
+        ok(url, "/put", task(identity="good", url=receiver.url + "/g", cron="* * * * * *"))
+        ok(url, "/put", task(identity="bad", url=receiver.url + "/status/500",
+                             cron="* * * * * *"))
+
+        def summary():
+            return [e["message"] for e in lines() if e["message"].startswith("last 1 s:") and
+                    "failed most: bad" in e["message"] and "success" in e["message"]]
+        line = wait_until(summary, timeout=10, message="a summary line")[0]
+        assert re.search(r"last 1 s: \d+ fires \(.*\d+ success.*\); failed most: bad \d+; "
+                         r"0 missed; lateness p99 <= [\d.]+ ms; 0 logs dropped in all; 2 tasks",
+                         line), line
+        assert svc.kill(signal.SIGTERM) == 0
+        assert lines()[-1]["message"] == "stopped" and "Traceback" not in svc.log.read_text()
+    finally:
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+
+
 def test_kill_9_right_after_acknowledged_changes_keeps_them(process):
     svc = process()
     for i in range(5):
