@@ -12,16 +12,19 @@ the scheduler on a fake clock; tests that must wait poll with a deadline.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import http.server
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -2558,3 +2561,116 @@ def test_sigterm_flushes_fire_logs(process, receiver):
     ok(svc.url, "/running", {"identity": "test", "running": False})
     logged = ok(svc.url, "/search", {"type": "success"})["hits"]["total"]["value"]
     assert logged >= sent >= 2
+
+
+DOCKER_BASE_PACKAGES = "python3,python3-pip,ca-certificates"
+
+
+def docker(*args, timeout=120, check=True):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+def docker_unavailable_or_fail(reason):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}: the Docker image must be tested in CI")
+    pytest.skip(reason)
+
+
+def docker_base():
+    """The image to build on: SCHEDULE_TEST_DOCKER_BASE (e.g. python:3.11-slim where it can be
+    pulled), else a stand-in for it made with debootstrap from Debian's packages.
+
+    The stand-in is kept as a tarball in ~/.cache/schedule-api-test (a new one each day, for
+    security updates) and as the image schedule-api-test-base:<key>; both are reused."""
+    if base := os.environ.get("SCHEDULE_TEST_DOCKER_BASE"):
+        return base
+    key = hashlib.sha256(f"bookworm minbase {DOCKER_BASE_PACKAGES} "
+                         f"{time.strftime('%Y-%m-%d')}".encode()).hexdigest()[:12]
+    tag = f"schedule-api-test-base:{key}"
+    if docker("image", "inspect", tag, check=False).returncode == 0:
+        return tag
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "schedule-api-test"
+    tarball = cache / f"base-{key}.tar"
+    if not tarball.exists():
+        if not shutil.which("debootstrap") or os.geteuid() != 0:
+            docker_unavailable_or_fail("the stand-in base image needs debootstrap, run as root")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            root = Path(work) / "rootfs"
+            made = subprocess.run(["debootstrap", "--variant=minbase",
+                                   f"--include={DOCKER_BASE_PACKAGES}", "bookworm", str(root)],
+                                  capture_output=True, text=True, timeout=900, check=False)
+            assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+            (root / "usr/bin/python").symlink_to("python3")
+            # The host's CA bundle: pip in the build trusts what the host trusts.
+            shutil.copyfile("/etc/ssl/certs/ca-certificates.crt",
+                            root / "etc/ssl/certs/ca-certificates.crt")
+            shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+            subprocess.run(["tar", "-C", str(root), "-cf", f"{tarball}.part", "."], check=True,
+                           timeout=300)
+            os.replace(f"{tarball}.part", tarball)
+        for old in cache.glob("base-*.tar"):
+            if old != tarball:
+                old.unlink()
+    docker("import", "--change", "ENV PIP_BREAK_SYSTEM_PACKAGES=1",
+           "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "--change", 'CMD ["python3"]', str(tarball), tag, timeout=300)
+    return tag
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_docker_image_runs_as_readme_shows_and_keeps_tasks_across_a_restart(receiver,
+                                                                            tmp_path):
+    if not shutil.which("docker") or subprocess.run(
+            ["docker", "info"], capture_output=True, timeout=60, check=False).returncode != 0:
+        docker_unavailable_or_fail("no Docker daemon answers")
+    image = "schedule-api:test"
+    built = docker("build", "--network", "host", "--build-arg", f"BASE={docker_base()}",
+                   "-t", image, str(HERE), timeout=900, check=False)
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+
+    # README's layout, with --network host (the receiver is on the host's 127.0.0.1): the
+    # port is set in config.ini, not 3000, so the HEALTHCHECK must follow it. data/ is left
+    # for Docker to create, owned by root, as it is for a new user.
+    port = free_port()
+    folder = tmp_path / "schedule"
+    folder.mkdir()
+    (folder / "config.ini").write_text(f"[server]\nhost = 127.0.0.1\nport = {port}\n")
+    name = f"schedule-api-test-{uuid.uuid4().hex[:8]}"
+    url = f"http://127.0.0.1:{port}"
+
+    def health():
+        state = json.loads(docker("inspect", name).stdout)[0]["State"]
+        assert state["Status"] in ("created", "running", "restarting"), state
+        return state["Health"]["Status"] == "healthy"
+
+    try:
+        docker("run", "-d", "--name", name, "--network", "host", "--health-interval", "1s",
+               "--stop-timeout", "30",
+               "-v", f"{folder}/data:/app/data", "-v", f"{folder}/config.ini:/app/config.ini",
+               image)
+        wait_until(health, timeout=60, interval=0.5, message="the container to be healthy")
+        assert (folder / "data").stat().st_uid == 10001  # given to the service's user
+
+        identity = f"docker-{uuid.uuid4().hex[:8]}"
+        ok(url, "/put", task(identity, url=receiver.url + "/docker", cron="* * * * * *"))
+        receiver.wait_for(1, "/docker", timeout=10)
+
+        docker("restart", name, timeout=60)
+        wait_until(health, timeout=60, interval=0.5, message="the container to be healthy again")
+        assert ok(url, "/get", {"identity": identity})["identity"] == identity
+        fired = len(receiver.received("/docker"))
+        receiver.wait_for(fired + 1, "/docker", timeout=10)  # and it fires again
+        logs = docker("logs", name).stderr
+        assert "Traceback" not in logs and "unable to open database" not in logs, logs
+    except BaseException:
+        print(docker("logs", name, check=False).stderr[-4000:])
+        raise
+    finally:
+        docker("rm", "-f", name, check=False)
