@@ -24,8 +24,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
     /clear    delete the logs of one task
 
 and ours: /retry (send a failed fire again), /trigger (fire an entry now), /preview (the
-next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK, and
-``GET /metrics`` for Prometheus.
+next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK,
+``GET /metrics`` for Prometheus, and ``GET /`` a status page for a person with a browser.
 """
 
 from __future__ import annotations
@@ -3453,6 +3453,471 @@ class Service:
 
 # HTTP #######################################################################################
 
+# The status page (GET /): one constant, no build step, nothing loaded from elsewhere. It
+# holds no data: its script asks the JSON endpoints, with the token the person gives, so it is
+# served without the token. Every value is put in as text (textContent, never innerHTML):
+# identities, keys, URLs and error messages are user input.
+STATUS_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>schedule-api</title>
+<style>
+:root { color-scheme: light dark; --fg: #1d2330; --muted: #667085; --line: #e4e7ec;
+  --bg: #fff; --head: #f6f7f9; --ok: #067647; --ok-bg: #dcfae6; --hold: #93370d;
+  --hold-bg: #fef0c7; --off: #475467; --off-bg: #eaecf0; --err: #b42318; --err-bg: #fee4e2;
+  --accent: #2e5aac; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e6e8ec; --muted: #98a2b3; --line: #2f3542; --bg: #14171d; --head: #1b1f27;
+    --ok: #75e0a7; --ok-bg: #053321; --hold: #fec84b; --hold-bg: #4e1d09; --off: #cfd4dc;
+    --off-bg: #2f3542; --err: #fda29b; --err-bg: #55160c; --accent: #84adff; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px;
+  padding: 12px 20px; border-bottom: 1px solid var(--line); background: var(--head); }
+h1 { font-size: 18px; margin: 0; }
+h2 { font-size: 15px; margin: 0; }
+main { padding: 0 20px 24px; }
+#health { flex: 1; }
+.muted { color: var(--muted); }
+.small { font-size: 12px; }
+.bar { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 12px; margin: 20px 0 8px; }
+input, select, button { font: inherit; color: inherit; }
+input, select { padding: 3px 8px; border: 1px solid var(--line); border-radius: 6px;
+  background: var(--bg); }
+button { padding: 2px 10px; border: 1px solid var(--line); border-radius: 6px;
+  background: var(--head); cursor: pointer; white-space: nowrap; }
+button:hover:enabled { border-color: var(--accent); color: var(--accent); }
+button:disabled { opacity: .5; cursor: default; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; vertical-align: top; padding: 5px 8px;
+  border-bottom: 1px solid var(--line); }
+th { position: sticky; top: 0; font-size: 12px; font-weight: 600; color: var(--muted);
+  background: var(--head); }
+tr.task td { border-top: 2px solid var(--line); }
+tr.task td:first-child { font-weight: 600; }
+tr.entry td:first-child { padding-left: 26px; }
+code { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.badge { display: inline-block; padding: 0 8px; border-radius: 999px; font-size: 12px;
+  font-weight: 600; white-space: nowrap; }
+.running { color: var(--ok); background: var(--ok-bg); }
+.paused { color: var(--hold); background: var(--hold-bg); }
+.held { color: var(--off); background: var(--off-bg); }
+.err { color: var(--err); }
+.ok { color: var(--ok); }
+.wrap { overflow-wrap: anywhere; min-width: 120px; max-width: 300px; }
+.sched { min-width: 200px; }
+.msg { max-width: 380px; overflow-wrap: anywhere; }
+.time { white-space: nowrap; font-size: 13px; font-variant-numeric: tabular-nums; }
+.empty { padding: 14px 8px; color: var(--muted); }
+#problem { margin: 12px 0 0; padding: 8px 12px; border-radius: 6px; color: var(--err);
+  background: var(--err-bg); }
+#login { margin: 20px 0; padding: 16px; max-width: 480px; border: 1px solid var(--line);
+  border-radius: 8px; background: var(--head); }
+#login label { display: block; margin-bottom: 8px; font-weight: 600; }
+body.locked section { display: none; }
+[hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<header>
+  <h1>schedule-api</h1>
+  <span id="health" class="muted small"></span>
+  <span id="updated" class="muted small"></span>
+  <label class="small"><input type="checkbox" id="auto" checked> auto-refresh</label>
+  <button type="button" id="forget" hidden>Forget token</button>
+</header>
+<main>
+<form id="login" hidden autocomplete="off">
+  <label for="token">This service needs its token</label>
+  <input type="password" id="token" required size="32">
+  <button type="submit">Use token</button>
+  <p id="login-note" class="small muted"></p>
+</form>
+<p id="problem" hidden></p>
+<section>
+  <div class="bar">
+    <h2>Tasks</h2>
+    <input type="search" id="filter" placeholder="Filter by identity" aria-label="Filter">
+    <button type="button" id="prev">&lsaquo; Prev</button>
+    <span id="range" class="muted small"></span>
+    <button type="button" id="next">Next &rsaquo;</button>
+    <label class="small muted">per page <select id="size">
+      <option>25</option><option selected>50</option><option>100</option><option>200</option>
+    </select></label>
+  </div>
+  <table id="tasks">
+    <thead><tr><th>Task / entry</th><th>Schedule</th><th>Next fire</th><th>Last fire</th>
+      <th>State</th><th>Last error</th><th></th></tr></thead>
+  </table>
+</section>
+<section>
+  <div class="bar"><h2>Latest failed fires</h2>
+    <span class="muted small">all tasks, newest first; times in each task's zone</span></div>
+  <table id="errors">
+    <thead><tr><th>Due</th><th>Task</th><th>Entry</th><th>Error</th><th>Tries</th><th></th>
+      </tr></thead>
+    <tbody id="error-rows"></tbody>
+  </table>
+</section>
+</main>
+<script>
+"use strict";
+const TOKEN = "schedule-api-token";  // sessionStorage: this tab only
+const ZERO_DATE = "0001-01-01T00:00:00Z";
+const ERRORS_READ = 100, ERRORS_SHOWN = 20;
+const EVERY = Math.max(1, Number(new URLSearchParams(location.search).get("refresh")) || 5);
+const $ = (id) => document.getElementById(id);
+const view = {page: 0, size: 50, filter: "", drawn: ""};
+const resent = new Map();  // fire -> what its re-send gave, while the tab lives
+let timer = null, loading = null, again = false, asking = false;
+
+class NeedToken extends Error {}
+
+// Every value goes in as text: append() makes a Text node of a string, and attributes are
+// set by name from this script only; nothing is ever parsed as HTML.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value !== null && value !== undefined) node.setAttribute(name, String(value));
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+async function api(path, body) {
+  const headers = {"Content-Type": "application/json"};
+  const token = sessionStorage.getItem(TOKEN);
+  if (token) headers.Authorization = "Bearer " + token;
+  const reply = await fetch(path, {method: "POST", headers, cache: "no-store",
+                                   body: JSON.stringify(body || {})});
+  if (reply.status === 401) throw new NeedToken(path);
+  let payload = null;
+  try { payload = await reply.json(); } catch (e) { payload = null; }
+  if (!payload || payload.error !== 0) {
+    throw new Error(path + ": " + ((payload && payload.msg) || "HTTP " + reply.status));
+  }
+  return payload.data;
+}
+
+// Times as the API gives them (RFC 3339 in the task's zone), spaced for reading.
+function readable(date) {
+  if (!date || date === ZERO_DATE) return null;
+  return date.replace("T", " ").replace(/(Z|[+-]\d\d:\d\d)$/, " $1");
+}
+
+// A log's instant (unix seconds) in the task's zone, in the same shape.
+function inZone(seconds, zone) {
+  const at = new Date(Math.floor(seconds) * 1000);
+  try {
+    const fmt = new Intl.DateTimeFormat("en-US", {timeZone: zone || "UTC", hourCycle: "h23",
+      year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+      second: "2-digit", timeZoneName: "longOffset"});
+    const p = Object.fromEntries(fmt.formatToParts(at).map((part) => [part.type, part.value]));
+    const offset = p.timeZoneName === "GMT" ? "Z" : p.timeZoneName.replace("GMT", "");
+    return `${p.year}-${p.month}-${p.day} ${p.hour}:${p.minute}:${p.second} ${offset}`;
+  } catch (e) {
+    return at.toISOString().replace("T", " ").replace(".000Z", " Z");
+  }
+}
+
+function badge(kind, text, title) {
+  return el("span", {class: "badge " + kind, title}, text || kind);
+}
+
+function problemOf(log) {
+  return (log.message || []).join("; ") || (log.status ? "HTTP " + log.status : "failed");
+}
+
+function clip(text, size) {
+  return text.length > size ? text.slice(0, size) + "..." : text;
+}
+
+function breakable(text) {  // a URL may wrap after a slash, ? or &, as text still
+  return text.split(/(?<=[/?&])/).flatMap((part, i) => i ? [el("wbr"), part] : [part]);
+}
+
+function button(label, kind, action) {
+  const node = el("button", {type: "button", class: kind});
+  node.append(label);
+  node.addEventListener("click", () => act(node, action));
+  return node;
+}
+
+async function act(node, action) {
+  node.disabled = true;
+  try {
+    await action();
+    showProblem(null);
+  } catch (e) {
+    if (e instanceof NeedToken) askToken(); else showProblem(e.message);
+  }
+  refresh();
+}
+
+function setRunning(body) {
+  return () => api("/running", body);
+}
+
+function resend(log, fire) {
+  return async () => {
+    resent.set(fire, {ok: null, text: "sending..."});
+    draw();
+    try {
+      const got = await api("/retry", {identity: log.identity, key: log.key,
+                                       scheduled: log.scheduled});
+      resent.set(fire, got.type === "success"
+        ? {ok: true, text: "re-sent: success" + (got.status ? " (HTTP " + got.status + ")" : "")}
+        : {ok: false, text: "re-sent: failed again: " + problemOf(got)});
+    } catch (e) {
+      resent.delete(fire);
+      throw e;
+    }
+  };
+}
+
+function taskRows(task, lastErrors) {
+  const body = el("tbody", {"data-identity": task.identity});
+  const keys = Object.keys(task.entries).sort();
+  const failing = keys.filter((key) => lastErrors.has(JSON.stringify([task.identity, key])));
+  body.append(el("tr", {class: "task"},
+    el("td", {class: "wrap"}, el("span", {class: "identity"}, task.identity),
+       el("div", {class: "muted small zone"}, task.time_zone)),
+    el("td", {class: "muted small"}, keys.length + (keys.length === 1 ? " entry" : " entries")),
+    el("td"), el("td"),
+    el("td", {class: "state"}, task.start ? badge("running") : badge("paused")),
+    el("td", {class: "small err"}, failing.length
+      ? `${failing.length} ${failing.length === 1 ? "entry" : "entries"} failing` : null),
+    el("td", {}, task.start
+      ? button("Pause", "pause-task", setRunning({identity: task.identity, running: false}))
+      : button("Resume", "resume-task", setRunning({identity: task.identity, running: true})))));
+  for (const key of keys) {
+    const entry = task.entries[key];
+    const on = entry.running !== false;
+    const error = lastErrors.get(JSON.stringify([task.identity, key]));
+    const state = !task.start ? badge("held", "task paused", "the whole task is paused")
+      : on ? badge("running") : badge("paused");
+    const next = readable(entry.next_date);
+    const last = readable(entry.last_date);
+    const target = {identity: task.identity, key};
+    body.append(el("tr", {class: "entry", "data-key": key},
+      el("td", {class: "wrap key"}, key),
+      el("td", {class: "wrap sched"}, el("code", {}, entry.cron_time),
+         el("div", {class: "muted small"}, (entry.method || "POST") + " ",
+            breakable(entry.url))),
+      el("td", {class: "time next"}, next || el("span", {class: "muted"}, "-")),
+      el("td", {class: "time last"}, last || el("span", {class: "muted"}, "never")),
+      el("td", {class: "state"}, state),
+      el("td", {class: "small msg last-error"}, error ? [
+        el("span", {class: "err"}, clip(problemOf(error), 200)),
+        el("div", {class: "muted time"}, inZone(error.scheduled, task.time_zone))] : null),
+      el("td", {}, on
+        ? button("Pause entry", "pause-entry", setRunning({...target, running: false}))
+        : button("Resume entry", "resume-entry", setRunning({...target, running: true})))));
+  }
+  return body;
+}
+
+function errorRow(log, task) {
+  const fire = JSON.stringify([log.identity, log.key, log.scheduled]);
+  const done = resent.get(fire);
+  const reply = log.response === null || log.response === undefined ? null
+    : typeof log.response === "string" ? log.response : JSON.stringify(log.response);
+  const notes = [log.trigger ? "fired now (/trigger)" : null, log.retry_of ? "a re-send" : null]
+    .filter(Boolean).join(", ");
+  const can = task && task.entries[log.key] && !(done && done.ok !== false);
+  return el("tr", {class: "error-row", "data-identity": log.identity, "data-key": log.key},
+    el("td", {class: "time"}, inZone(log.scheduled ?? log.time, task && task.time_zone)),
+    el("td", {class: "wrap identity"}, log.identity),
+    el("td", {class: "wrap key"}, log.key),
+    el("td", {class: "msg"}, el("span", {class: "err message"}, clip(problemOf(log), 300)),
+       reply ? el("div", {class: "muted small"}, "reply: " + clip(reply, 200)) : null,
+       notes ? el("div", {class: "muted small"}, notes) : null),
+    el("td", {}, log.attempts ?? ""),
+    el("td", {}, done ? el("div", {class: "small resent " + (done.ok ? "ok" : "err")},
+                           done.text) : null,
+       can ? button("Re-send", "resend", resend(log, fire)) : null));
+}
+
+let latest = null;  // what the latest load read; drawn again when a re-send changes
+
+// A redraw waits while a button is pressed or text is selected: a click or a selection is
+// never lost to a refresh.
+let pressed = false;
+
+function draw() {
+  if (!latest || pressed || String(getSelection()).trim()) return;
+  const {page, tasks, errors, matching, total} = latest;
+  const signature = JSON.stringify([latest.signature, [...resent]]);
+  if (signature === view.drawn) return;  // unchanged: leave the DOM (and focus) alone
+  view.drawn = signature;
+  const byIdentity = new Map(tasks.map((task) => [task.identity, task]));
+  const lastErrors = new Map();
+  for (const log of errors) {
+    const at = JSON.stringify([log.identity, log.key]);
+    if (!lastErrors.has(at)) lastErrors.set(at, log);
+  }
+  const table = $("tasks");
+  table.querySelectorAll("tbody").forEach((old) => old.remove());
+  const shown = page.map((identity) => byIdentity.get(identity)).filter(Boolean);
+  for (const task of shown) table.append(taskRows(task, lastErrors));
+  if (!shown.length) {
+    table.append(el("tbody", {}, el("tr", {}, el("td", {colspan: 7, class: "empty"},
+      total ? "No task matches the filter." : "No tasks yet: put one with POST /put."))));
+  }
+  const first = view.page * view.size;
+  const tasksOf = (n) => n + (n === 1 ? " task" : " tasks");
+  $("range").textContent = matching ? `${first + 1}-${first + page.length} of ${tasksOf(matching)}`
+    + (matching < total ? ` (filtered from ${total})` : "") : `0 of ${tasksOf(total)}`;
+  $("prev").disabled = view.page === 0;
+  $("next").disabled = first + page.length >= matching;
+  const rows = $("error-rows");
+  rows.replaceChildren(...errors.slice(0, ERRORS_SHOWN).map(
+    (log) => errorRow(log, byIdentity.get(log.identity))));
+  if (!rows.children.length) {
+    rows.append(el("tr", {}, el("td", {colspan: 6, class: "empty"}, "No failed fires logged.")));
+  }
+}
+
+async function showHealth() {
+  try {
+    const h = (await (await fetch("/health", {cache: "no-store"})).json()).data;
+    $("health").textContent = `v${h.version} \u00b7 ${h.tasks} tasks \u00b7 store ${h.store} `
+      + (h.ok ? "ok" : "NOT OK") + (h.ready ? "" : " \u00b7 starting")
+      + ` \u00b7 ${h.fires_running} fires running`
+      + (h.log_dropped ? ` \u00b7 ${h.log_dropped} logs dropped` : "");
+  } catch (e) {
+    $("health").textContent = "the service does not answer";
+  }
+}
+
+async function load() {
+  showHealth();
+  try {
+    const [ids, found] = await Promise.all([
+      api("/all"), api("/search", {type: "error", limit: ERRORS_READ})]);
+    const needle = view.filter.trim().toLowerCase();
+    const matching = needle ? ids.filter((id) => id.toLowerCase().includes(needle)) : ids;
+    const pages = Math.max(1, Math.ceil(matching.length / view.size));
+    view.page = Math.min(view.page, pages - 1);  // the last page, if this one went away
+    const page = matching.slice(view.page * view.size, (view.page + 1) * view.size);
+    const errors = found.hits.hits.map((hit) => hit._source);
+    const named = errors.slice(0, ERRORS_SHOWN).map((log) => log.identity);
+    const wanted = [...new Set([...page, ...named])];
+    const tasks = wanted.length ? await api("/lists", {identity: wanted}) : [];
+    latest = {page, tasks, errors, matching: matching.length, total: ids.length};
+    latest.signature = JSON.stringify([page, tasks, errors, view.page, view.size, ids.length,
+                                     matching.length]);
+    draw();
+    showProblem(null);
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (e) {
+    if (e instanceof NeedToken) askToken(); else showProblem(e.message);
+  }
+}
+
+function refresh() {
+  if (loading) { again = true; return loading; }
+  clearTimeout(timer);
+  loading = load().finally(() => {
+    loading = null;
+    if (again) { again = false; refresh(); } else later();
+  });
+  return loading;
+}
+
+function later() {
+  clearTimeout(timer);
+  if ($("auto").checked && !asking) timer = setTimeout(refresh, EVERY * 1000);
+}
+
+function showProblem(text) {
+  $("problem").hidden = !text;
+  $("problem").textContent = text || "";
+}
+
+function askToken() {
+  if (asking) return;
+  asking = true;
+  clearTimeout(timer);
+  const refused = sessionStorage.getItem(TOKEN) !== null;
+  sessionStorage.removeItem(TOKEN);
+  $("login-note").textContent = (refused ? "That token was refused. " : "")
+    + "It is kept for this tab only and sent as Authorization: Bearer.";
+  document.body.classList.add("locked");
+  $("forget").hidden = true;
+  $("login").hidden = false;
+  $("token").focus();
+}
+
+$("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN, $("token").value);
+  $("token").value = "";
+  $("login").hidden = true;
+  document.body.classList.remove("locked");
+  $("forget").hidden = false;
+  asking = false;
+  view.drawn = "";
+  refresh();
+});
+$("forget").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN);
+  location.reload();
+});
+let typing = null;
+$("filter").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => { view.filter = $("filter").value; view.page = 0; refresh(); }, 250);
+});
+$("size").addEventListener("change", () => {
+  view.size = Number($("size").value);
+  view.page = 0;
+  refresh();
+});
+$("prev").addEventListener("click", () => { view.page = Math.max(0, view.page - 1); refresh(); });
+$("next").addEventListener("click", () => { view.page += 1; refresh(); });
+$("auto").addEventListener("change", later);
+document.addEventListener("pointerdown", () => { pressed = true; });
+document.addEventListener("pointerup", () => { pressed = false; setTimeout(draw); });
+document.addEventListener("selectionchange", () => {
+  if (!String(getSelection()).trim()) draw();
+});
+$("auto").parentElement.title = `every ${EVERY} s`;
+$("forget").hidden = sessionStorage.getItem(TOKEN) === null;
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+def _inline_source(page: str, tag: str) -> str:
+    """Return the CSP source naming the page's one inline <tag>: its SHA-256 (CSP 3)."""
+    text = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL).group(1)
+    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+
+
+# Hashes rather than a nonce: the page stays one constant (no per-request templating) and
+# only this exact script and style run; no 'unsafe-inline' at all. The script may talk to
+# this origin only (connect-src 'self'); nothing else may load, frame it or be posted to.
+STATUS_PAGE_CSP = (
+    f"default-src 'none'; script-src {_inline_source(STATUS_PAGE, 'script')}; "
+    f"style-src {_inline_source(STATUS_PAGE, 'style')}; connect-src 'self'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+STATUS_PAGE_HEADERS = (
+    ("Content-Security-Policy", STATUS_PAGE_CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """JSON in, JSON out. A client's mistake is answered at once; anything else is logged
     with its traceback in one place and answered with a 500 envelope."""
@@ -3483,7 +3948,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Answered without reading the body: the connection cannot serve another request.
             self.close_connection = True
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path.rstrip("/") or "/"
-        known = path in ("/health", "/metrics") or path[1:] in Service.OPERATIONS
+        known = path in ("/", "/health", "/metrics") or path[1:] in Service.OPERATIONS
         self.server.service.metrics.count("schedule_http_requests_total",
                                           endpoint=path if known else "other",
                                           status=str(status))
@@ -3579,6 +4044,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = path[1:]
         if path == "/health":
             self._reply(200, {"error": 0, "data": self.server.service.health()})
+            return
+        if path == "/":  # the status page holds no data: served without the token
+            if self.command in ("GET", "HEAD"):
+                self._answer(200, STATUS_PAGE.encode(), "text/html; charset=utf-8",
+                             STATUS_PAGE_HEADERS)
+            else:
+                self._fail(405, "/ takes GET", [("Allow", "GET, HEAD")])
             return
         if path == "/metrics":  # Prometheus scrapes with GET
             if self.server.config.metrics_public or self._authorized():
