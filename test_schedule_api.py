@@ -11,6 +11,7 @@ the scheduler on a fake clock; tests that must wait poll with a deadline.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import http.client
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -85,8 +87,8 @@ class Receiver:
 
     Paths choose the answer: /slow sleeps 2 s, /hang 3 s; /close hangs up without an
     answer; /nested and /nan answer JSON that Python's parser chokes on or reads as NaN; /status/<code> answers that code; /retry-after/<code>/<value> answers the code
-    with that Retry-After; /flaky/<n> answers 503 to the first n tries of each fire, then
-    200; anything else 200 with {"ok": true}.
+    with that Retry-After; /flaky/<n> answers 503 (/flaky/<n>/<code>: that code) to the first
+    n tries of each fire, then 200; anything else 200 with {"ok": true}.
     """
 
     def __init__(self):
@@ -114,8 +116,9 @@ class Receiver:
                 elif match := re.match(r"/retry-after/(\d+)/(.+)", self.path):
                     status = int(match.group(1))
                     extra = [("Retry-After", urllib.parse.unquote(match.group(2)))]
-                elif match := re.match(r"/flaky/(\d+)", self.path):
-                    status = 503 if tries <= int(match.group(1)) else 200
+                elif match := re.match(r"/flaky/(\d+)(?:/(\d+))?", self.path):
+                    failed = int(match.group(2) or 503)
+                    status = failed if tries <= int(match.group(1)) else 200
                 reply = b'{"ok": true}' if status == 200 else b"nope"
                 if self.path == "/nested":
                     reply = b"[" * 100_000 + b"]" * 100_000
@@ -2368,6 +2371,209 @@ def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
     count = len(receiver.received("/on"))
     receiver.wait_for(count + 1, "/on")
     assert receiver.received("/off") == []
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's packages
+
+
+def get_page(url, method="GET"):
+    """Ask for the status page; return (status, headers, body text)."""
+    request = urllib.request.Request(url + "/", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read().decode()
+
+
+def test_status_page_is_served_without_the_token_under_a_strict_csp(sqlite_apps):
+    app = sqlite_apps.start(token="t0k")
+    status, headers, page = get_page(app.url)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert post(app.url, "/all")[0] == 401  # the data stays behind the token
+    csp = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        inline = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
+        assert len(inline) == 1, tag
+        digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+        assert csp[directive] == f"'sha256-{digest}'"  # that one only; no 'unsafe-inline'
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # Nothing from elsewhere, and values go in as text only (the browser test shows it too).
+    assert not re.search(r"https?:|\bsrc=|innerHTML|outerHTML|insertAdjacentHTML|document\.write",
+                         page)
+    status, _, body = get_page(app.url, "HEAD")
+    assert status == 200 and body == ""
+    status, headers, body = get_page(app.url, "POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD" and json.loads(body)["error"] == 1
+    metrics = scrape(app.url, "t0k")
+    assert metrics[("schedule_http_requests_total", (("endpoint", "/"), ("status", "200")))] == 2
+    assert metrics[("schedule_http_requests_total", (("endpoint", "/"), ("status", "405")))] == 1
+
+
+def browser_unavailable_or_fail(reason):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}: the status page must be tested in a real browser")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium through its chromedriver: Selenium never fetches one (given
+    the driver's path, it skips Selenium Manager), and the browser resolves no name but
+    127.0.0.1."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        browser_unavailable_or_fail("selenium is not installed (requirements-test.txt)")
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        browser_unavailable_or_fail(f"{' and '.join(missing)} missing (apt-get install "
+                                    "chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER,
+                                      log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_apps,
+                                                                           receiver, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = sqlite_apps.start(token="s3cret t0ken")
+    auth = {"Authorization": "Bearer s3cret t0ken"}
+
+    def call(path, body):
+        status, reply = post(app.url, path, body, headers=auth)
+        assert status == 200 and reply["error"] == 0, reply
+        return reply.get("data")
+
+    # billing's invoice fails each fire's first try with a 500 (a re-send then succeeds);
+    # reports has one entry paused by key; the third task's identity and key are markup.
+    call("/put", {"identity": "billing", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "invoice": {"cron_time": "* * * * * *", "url": receiver.url + "/flaky/1/500"},
+        "report": {"cron_time": "0 0 6 * * *", "url": receiver.url + "/report"}}})
+    call("/put", {"identity": "reports", "time_zone": "America/New_York", "start": True,
+                  "entries": {"daily": {"cron_time": "0 30 9 * * mon-fri",
+                                        "url": receiver.url + "/daily"},
+                              "hourly": {"cron_time": "0 0 * * * *", "url": receiver.url + "/h",
+                                         "running": False}}})
+    evil, evil_key = '<img src=x onerror="document.title=1">', "<b>key</b>"
+    call("/put", {"identity": evil, "time_zone": "Europe/Paris", "start": False, "entries": {
+        evil_key: {"cron_time": "0 0 3 * * *", "url": receiver.url + "/status/500"}}})
+    triggered = call("/trigger", {"identity": evil, "key": evil_key})["scheduled"]
+    wait_until(lambda: len(call("/search", {"type": "error"})["hits"]["hits"]) >= 3,
+               message="failed fires of both tasks")
+
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,))
+
+    def texts(selector):
+        return [e.text for e in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+    def shows(selector, text):
+        return lambda _: text in texts(selector)
+
+    def click(selector):  # the first match, found again if a refresh redrew it meanwhile
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, selector).click() or True)
+
+    browser.get(app.url + "/?refresh=1")
+    token = wait.until(lambda d: d.find_element(By.ID, "token").is_displayed() and
+                       d.find_element(By.ID, "token"))
+    token.send_keys("s3cret t0ken\n")  # asked once, on the first 401
+    wait.until(shows("tbody[data-identity=billing] .identity", "billing"))
+
+    # What a person sees: tasks (sorted by identity) with their zones and entries, the next
+    # and last fires as /get gives them (in the task's zone), states, and the failed fires.
+    assert texts("tr.task .identity") == [evil, "billing", "reports"]  # "<" < "b"
+    assert texts("tr.task .zone") == ["Europe/Paris", "Asia/Shanghai", "America/New_York"]
+    assert texts("tbody[data-identity=billing] .key") == ["invoice", "report"]
+    report = call("/get", {"identity": "billing"})["entries"]["report"]["next_date"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT06:00:00\+08:00", report)
+    assert texts("tbody[data-identity=billing] tr[data-key=report] .next") == [
+        report.replace("T", " ").replace("+", " +")]
+    wait.until(lambda _: texts("tbody[data-identity=billing] tr[data-key=invoice] .last") !=
+               ["never"])
+    assert texts("tr.task .state") == ["paused", "running", "running"]
+    assert texts("tbody[data-identity=reports] tr.entry .state") == ["running", "paused"]
+    assert texts("tr.entry[data-key='<b>key</b>'] .state") == ["task paused"]
+    wait.until(lambda _: any("HTTP 500" in t for t in texts(
+        "tbody[data-identity=billing] tr[data-key=invoice] .last-error")))
+    errors = browser.find_elements(By.CSS_SELECTOR, "tr.error-row")
+    assert {e.get_attribute("data-identity") for e in errors} == {"billing", evil}
+    assert all("HTTP 500 Internal Server Error" in e.find_element(By.CSS_SELECTOR, ".message")
+               .text for e in errors)
+    # The markup is shown as text, never run: no element was made of it.
+    assert texts("tr.error-row[data-key='<b>key</b>'] .identity") == [evil]
+    paris = sa.rfc3339(triggered, sa.load_zone("Europe/Paris"))
+    assert texts("tr.error-row[data-key='<b>key</b>'] td.time") == [
+        paris.replace("T", " ").replace("+", " +")]
+    assert browser.find_elements(By.CSS_SELECTOR, "img, main b") == []
+    assert browser.title == "schedule-api"
+
+    # Pause: the task is paused for the API too, and the page says so.
+    click("tbody[data-identity=billing] .pause-task")
+    wait_until(lambda: call("/get", {"identity": "billing"})["start"] is False,
+               message="billing paused")
+    wait.until(shows("tbody[data-identity=billing] tr.task .state", "paused"))
+    assert texts("tbody[data-identity=billing] tr.entry .state") == ["task paused"] * 2
+    assert texts("tbody[data-identity=billing] tr.task button") == ["Resume"]
+    # Resume one entry that was paused alone (/running with a key).
+    click("tbody[data-identity=reports] tr[data-key=hourly] .resume-entry")
+    wait_until(lambda: "running" not in call("/get", {"identity": "reports"})["entries"][
+        "hourly"], message="the hourly entry resumed")
+    wait.until(lambda _: texts("tbody[data-identity=reports] tr.entry .state") == [
+        "running", "running"])
+
+    # Re-send a failed fire: its second try is answered 200, and logged as a re-send.
+    click("tr.error-row[data-identity=billing] .resend")
+    wait.until(shows("tr.error-row .resent", "re-sent: success (HTTP 200)"))
+    resent = call("/search", {"identity": "billing", "type": "success"})["hits"]["hits"]
+    assert len(resent) == 1 and resent[0]["_source"]["retry_of"]
+    assert resent[0]["_source"]["status"] == 200
+
+    height = browser.execute_script("return document.documentElement.scrollHeight + "
+                                    "window.outerHeight - window.innerHeight")
+    browser.set_window_size(1280, min(height, 2400))  # the whole page, from its top
+    browser.execute_script("window.scrollTo(0, 0)")
+    (HERE / "docs").mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(HERE / "docs" / "status-page.png"))
+
+    # The token is kept for the tab: a reload does not ask again.
+    browser.refresh()
+    wait.until(shows("tr.task .identity", "billing"))
+    assert not browser.find_element(By.ID, "login").is_displayed()
+
+    # Many tasks: the page shows 50 at a time, and a refresh keeps the person's place.
+    for i in range(60):
+        call("/put", task(identity=f"bulk-{i:02}", start=False, cron="0 0 0 1 1 *"))
+    wait.until(shows("#range", "1-50 of 63 tasks"))
+    click("#next")
+    wait.until(shows("#range", "51-63 of 63 tasks"))
+    for _ in range(2):  # two refreshes later, still there
+        seen = browser.find_element(By.ID, "updated").text
+        wait.until(lambda d, seen=seen: d.find_element(By.ID, "updated").text != seen)
+    assert texts("#range") == ["51-63 of 63 tasks"]
+    assert texts("tr.task .identity")[-1] == "reports"
+    browser.find_element(By.ID, "filter").send_keys("BILL")
+    wait.until(shows("#range", "1-1 of 1 task (filtered from 63)"))
+
+    csp = [e["message"] for e in browser.get_log("browser") if "Content Security" in
+           e["message"]]
+    assert csp == []  # the page's own script and style run, and nothing else tried to
 
 
 # Black box: the service as a process ########################################################
