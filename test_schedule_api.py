@@ -2450,7 +2450,10 @@ def browser(tmp_path):
 
 def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_apps,
                                                                            receiver, browser):
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -2477,12 +2480,15 @@ def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_
         evil_key: {"cron_time": "0 0 3 * * *", "url": receiver.url + "/status/500"}}})
     triggered = call("/trigger", {"identity": evil, "key": evil_key})["scheduled"]
     wait_until(lambda: len(call("/search", {"type": "error"})["hits"]["hits"]) >= 3,
-               message="failed fires of both tasks")
+               timeout=10, message="failed fires of both tasks")
 
-    wait = WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,))
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,
+                                                          ElementClickInterceptedException))
 
-    def texts(selector):
-        return [e.text for e in browser.find_elements(By.CSS_SELECTOR, selector)]
+    def texts(selector):  # read in one go: a refresh may redraw between two WebDriver calls
+        return browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText)",
+            selector)
 
     def shows(selector, text):
         return lambda _: text in texts(selector)
@@ -2512,10 +2518,11 @@ def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_
     assert texts("tr.entry[data-key='<b>key</b>'] .state") == ["task paused"]
     wait.until(lambda _: any("HTTP 500" in t for t in texts(
         "tbody[data-identity=billing] tr[data-key=invoice] .last-error")))
-    errors = browser.find_elements(By.CSS_SELECTOR, "tr.error-row")
-    assert {e.get_attribute("data-identity") for e in errors} == {"billing", evil}
-    assert all("HTTP 500 Internal Server Error" in e.find_element(By.CSS_SELECTOR, ".message")
-               .text for e in errors)
+    errors = browser.execute_script("return [...document.querySelectorAll('tr.error-row')]"
+                                    ".map((e) => [e.dataset.identity, e.querySelector("
+                                    "'.message').innerText])")
+    assert {identity for identity, _ in errors} == {"billing", evil}
+    assert {message for _, message in errors} == {"HTTP 500 Internal Server Error"}
     # The markup is shown as text, never run: no element was made of it.
     assert texts("tr.error-row[data-key='<b>key</b>'] .identity") == [evil]
     paris = sa.rfc3339(triggered, sa.load_zone("Europe/Paris"))
