@@ -3593,6 +3593,8 @@ function el(tag, attrs, ...children) {
 async function api(path, body) {
   const headers = {"Content-Type": "application/json"};
   const token = sessionStorage.getItem(TOKEN);
+  // A header carries Latin-1 only (fetch refuses the rest): such a token cannot be right.
+  if (token && /[^\x00-\xff]/.test(token)) throw new NeedToken(path);
   if (token) headers.Authorization = "Bearer " + token;
   const reply = await fetch(path, {method: "POST", headers, cache: "no-store",
                                    body: JSON.stringify(body || {})});
@@ -3715,7 +3717,8 @@ function taskRows(task, lastErrors) {
       el("td", {class: "state"}, state),
       el("td", {class: "small msg last-error"}, error ? [
         el("span", {class: "err"}, clip(problemOf(error), 200)),
-        el("div", {class: "muted time"}, inZone(error.scheduled, task.time_zone))] : null),
+        el("div", {class: "muted time"}, inZone(error.scheduled ?? error.time,
+                                                task.time_zone))] : null),
       el("td", {}, on
         ? button("Pause entry", "pause-entry", setRunning({...target, running: false}))
         : button("Resume entry", "resume-entry", setRunning({...target, running: true})))));
@@ -3739,7 +3742,8 @@ function errorRow(log, task) {
        reply ? el("div", {class: "muted small"}, "reply: " + clip(reply, 200)) : null,
        notes ? el("div", {class: "muted small"}, notes) : null),
     el("td", {}, log.attempts ?? ""),
-    el("td", {}, done ? el("div", {class: "small resent " + (done.ok ? "ok" : "err")},
+    el("td", {}, done ? el("div", {class: "small resent "
+                                   + (done.ok ? "ok" : done.ok === null ? "muted" : "err")},
                            done.text) : null,
        can ? button("Re-send", "resend", resend(log, fire)) : null));
 }
