@@ -2498,8 +2498,12 @@ def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_
 
     browser.get(app.url + "/?refresh=1")
     token = wait.until(lambda d: d.find_element(By.ID, "token").is_displayed() and
-                       d.find_element(By.ID, "token"))
-    token.send_keys("s3cret t0ken\n")  # asked once, on the first 401
+                       d.find_element(By.ID, "token"))  # asked once, on the first 401
+    assert texts("section table tbody tr") == []  # and nothing is shown without it
+    token.send_keys("wrong\n")
+    wait.until(shows("#login-note", "That token was refused. It is kept for this tab only "
+                                    "and sent as Authorization: Bearer."))
+    browser.find_element(By.ID, "token").send_keys("s3cret t0ken\n")
     wait.until(shows("tbody[data-identity=billing] .identity", "billing"))
 
     # What a person sees: tasks (sorted by identity) with their zones and entries, the next
