@@ -132,6 +132,7 @@ RETRY_DEFAULTS = {"attempts": 0, "backoff": 1.0, "max_backoff": 60.0, "max_durat
 RETRY_LIMITS = {"attempts": (0, 20), "backoff": (0.001, 3600), "max_backoff": (0.001, 86400),
                 "max_duration": (0.001, 86400)}  # (low, high) of each retry field
 MAX_PREVIEW = 100
+MAX_INSTANT = 1e11  # UNIX seconds (year 5138): the largest instant a request may name
 MAX_EVERY = 100 * 365 * 86400.0  # seconds: @every beyond a century is a mistake
 MAX_IDENTITY = 128
 MAX_ENTRIES = 1000
@@ -902,26 +903,131 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
             and before.cron_time == task.entries[key].cron_time)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Field:
+    """One field of a request object: its kind, limits and meaning. Validation takes every
+    limit and choice from here, and openapi_schema() describes the field from here (issue
+    10): one table, so the published document cannot drift from what is checked.
+
+    ``kind``: name (a string of ``low``-``high`` characters, no control characters), zone
+    (an IANA name), cron (a cron_time), url (http or https with a host, at most ``high``
+    characters), boolean, number or whole (from ``low`` to ``high``; ``setting`` names the
+    Config field that gives ``high`` instead), choice (one of ``choices``), object (its
+    fields are REQUEST_FIELDS[``of``]), map (``low``-``high`` keys, each a name of at most
+    ``keys`` characters, to objects of REQUEST_FIELDS[``of``]), headers (at most ``high``
+    header names to Latin-1 strings), names (an array of at most ``high`` names of at most ``keys`` characters), any (any
+    JSON value). ``null``: null counts as absent; ``empty``: so does "" (a /search filter).
+    """
+
+    kind: str
+    doc: str = ""
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    default: Any = None
+    null: bool = False
+    empty: bool = False
+    of: str = ""
+    keys: int = 0
+    setting: str = ""
+
+
+_IDENTITY = Field("name", "the task's name", required=True, low=1, high=MAX_IDENTITY)
+_INSTANT = "UNIX seconds"
+
 # The fields of each request object, by where it stands. Anything else is refused, naming the
 # nearest known field, unless [server] ignore_unknown_fields brings back the original's
 # leniency. An entry may carry next_date and last_date: /get's reply put back is a valid /put.
-REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
-    "/put": ("identity", "time_zone", "start", "entries"),
-    "/put entries.*": ("cron_time", "url", "method", "headers", "body", "timeout", "retry",
-                       "overlap", "misfire", "misfire_grace", "running", "next_date",
-                       "last_date"),
-    "/put entries.*.retry": tuple(RETRY_LIMITS),
-    "/get": ("identity",),
-    "/all": (),
-    "/lists": ("identity",),
-    "/running": ("identity", "key", "running"),
-    "/delete": ("identity",),
-    "/search": ("type", "identity", "key", "scheduled", "time", "limit", "skip"),
-    "/search time": ("gte", "lte"),
-    "/clear": ("identity",),
-    "/retry": ("identity", "key", "scheduled"),
-    "/trigger": ("identity", "key"),
-    "/preview": ("cron_time", "time_zone", "count", "after"),
+REQUEST_FIELDS: dict[str, dict[str, Field]] = {
+    "/put": {
+        "identity": _IDENTITY,
+        "time_zone": Field("zone", "IANA time zone of the entries", default="UTC"),
+        "start": Field("boolean", "fire (true) or keep paused (false)", default=False),
+        "entries": Field("map", "the webhooks, by a key that names each", required=True,
+                         low=1, high=MAX_ENTRIES, of="/put entries.*", keys=MAX_IDENTITY),
+    },
+    "/put entries.*": {
+        "cron_time": Field("cron", "when it fires: six fields (seconds first) or five, "
+                                   "@descriptors, @every <duration>, CRON_TZ= prefix",
+                           required=True),
+        "url": Field("url", "where the webhook goes", required=True, high=MAX_URL),
+        "method": Field("choice", "the webhook's method; GET and DELETE take no body",
+                        choices=METHODS, default="POST"),
+        "headers": Field("headers", "header name to value, sent with the webhook; not Host, "
+                                    "Content-Length, Transfer-Encoding, Connection or "
+                                    "X-Schedule-*", high=MAX_HEADERS, null=True),
+        "body": Field("any", "sent as JSON; null: no body (nested at most "
+                             f"{MAX_JSON_DEPTH} levels)", null=True),
+        "timeout": Field("number", "seconds a try may take, all included; null: [webhook] "
+                                   "timeout", low=0.001, setting="max_timeout", null=True),
+        "retry": Field("object", "retries of a failed fire; null: [webhook] retry_attempts",
+                       of="/put entries.*.retry", null=True),
+        "overlap": Field("choice", "when due while its previous fire still runs",
+                         choices=OVERLAP_POLICIES, default="allow"),
+        "misfire": Field("choice", "what to do with fires missed while down or paused",
+                         choices=MISFIRE_POLICIES, default="skip"),
+        "misfire_grace": Field("number", "seconds a missed fire may be late to be sent; null: "
+                                         "[webhook] misfire_grace", low=0, high=MAX_EVERY,
+                               null=True),
+        "running": Field("boolean", "false: this entry alone is paused", default=True),
+        "next_date": Field("any", "ignored (from /get's reply)"),
+        "last_date": Field("any", "ignored (from /get's reply)"),
+    },
+    "/put entries.*.retry": {
+        name: Field("whole" if name == "attempts" else "number", doc, low=low, high=high,
+                    default=RETRY_DEFAULTS[name] if name != "attempts" else None)
+        for (name, (low, high)), doc in zip(RETRY_LIMITS.items(), (
+            "retries after the first try; default [webhook] retry_attempts",
+            "seconds before the first retry, doubling each time",
+            "the most seconds any retry waits",
+            "seconds after the scheduled instant past which no try runs"), strict=True)},
+    "/get": {"identity": _IDENTITY},
+    "/all": {},
+    "/lists": {"identity": Field("names", "identities; unknown ones are left out",
+                                 required=True, high=MAX_LISTS, keys=MAX_IDENTITY)},
+    "/running": {
+        "identity": _IDENTITY,
+        "key": Field("name", "one entry alone; null: the whole task", low=1,
+                     high=MAX_IDENTITY, null=True),
+        "running": Field("boolean", "resume (true) or pause (false)", required=True),
+    },
+    "/delete": {"identity": _IDENTITY},
+    "/search": {
+        "type": Field("choice", "the kind of log; all when absent", choices=LOG_TYPES,
+                      null=True, empty=True),
+        "identity": Field("name", "exact match", low=1, high=MAX_IDENTITY, null=True,
+                          empty=True),
+        "key": Field("name", "exact match on a fire's entry", low=1, high=MAX_IDENTITY,
+                     null=True, empty=True),
+        "scheduled": Field("number", f"exact match on a fire's instant, {_INSTANT}", low=0,
+                           high=MAX_INSTANT, null=True),
+        "time": Field("object", "a span of log times", of="/search time", null=True),
+        "limit": Field("whole", "how many logs, newest first", low=1, high=MAX_SEARCH_LIMIT,
+                       default=20, null=True),
+        "skip": Field("whole", f"offset; skip + limit at most {MAX_SEARCH_WINDOW}", low=0,
+                      high=MAX_SEARCH_WINDOW, default=0, null=True),
+    },
+    "/search time": {
+        side: Field("number", f"{_INSTANT}, {doc}", low=-MAX_INSTANT, high=MAX_INSTANT, null=True)
+        for side, doc in (("gte", "at or after"), ("lte", "at or before"))},
+    "/clear": {"identity": _IDENTITY},
+    "/retry": {
+        "identity": _IDENTITY,
+        "key": Field("name", "the entry", required=True, low=1, high=MAX_IDENTITY),
+        "scheduled": Field("number", f"the failed fire's instant, {_INSTANT}", required=True,
+                           low=0, high=MAX_INSTANT),
+    },
+    "/trigger": {
+        "identity": _IDENTITY,
+        "key": Field("name", "the entry", required=True, low=1, high=MAX_IDENTITY),
+    },
+    "/preview": {
+        "cron_time": Field("cron", "the schedule", required=True),
+        "time_zone": Field("zone", "IANA time zone", default="UTC"),
+        "count": Field("whole", "how many fires", low=1, high=MAX_PREVIEW, default=10),
+        "after": Field("number", f"{_INSTANT}; null: now", low=0, high=MAX_INSTANT, null=True),
+    },
 }
 
 
@@ -969,21 +1075,17 @@ def _name(value: Any, field: str, limit: int = MAX_IDENTITY) -> str:
     return value
 
 
-def _identity(request: dict) -> str:
-    return _name(request.get("identity"), "identity")
-
-
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise ValidationError(field, "must be true or false")
     return value
 
 
-def _url(value: Any, field: str) -> str:
+def _url(value: Any, field: str, limit: int = MAX_URL) -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "must be a non-empty string")
-    if len(value) > MAX_URL:
-        raise ValidationError(field, f"must be at most {MAX_URL} characters")
+    if len(value) > limit:
+        raise ValidationError(field, f"must be at most {limit} characters")
     if any(ord(c) <= 32 or ord(c) == 127 for c in value):
         raise ValidationError(field, "must not contain spaces or control characters")
     try:
@@ -1007,8 +1109,9 @@ def _headers(value: Any, field: str) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise ValidationError(field, "must be an object of header names to string values")
-    if len(value) > MAX_HEADERS:
-        raise ValidationError(field, f"must have at most {MAX_HEADERS} headers")
+    limit = int(REQUEST_FIELDS["/put entries.*"]["headers"].high)
+    if len(value) > limit:
+        raise ValidationError(field, f"must have at most {limit} headers")
     for name, text in value.items():
         if not HEADER_NAME.fullmatch(name):
             raise ValidationError(field, f"{name!r} is not a valid header name")
@@ -1036,24 +1139,25 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
     if not isinstance(request, dict):
         raise ValidationError("", "request body must be a JSON object")
     check_fields(request, "/put", strict=strict)
-    identity = _identity(request)
-    zone_name = request.get("time_zone", "UTC")
+    identity = _take(request, "/put", "identity")
+    zone_name = _take(request, "/put", "time_zone")
     if not isinstance(zone_name, str) or not zone_name:
         raise ValidationError("time_zone", "must be an IANA time zone name like Asia/Shanghai")
     try:
         load_zone(zone_name)
     except ScheduleError as exc:
         raise ValidationError("time_zone", str(exc)) from None
-    start = _bool(request.get("start", False), "start")
+    start = _take(request, "/put", "start")
     entries_in = request.get("entries")
-    if not isinstance(entries_in, dict) or not entries_in:
+    limits = REQUEST_FIELDS["/put"]["entries"]
+    if not isinstance(entries_in, dict) or len(entries_in) < limits.low:
         raise ValidationError("entries", "must be a non-empty object of entries")
-    if len(entries_in) > MAX_ENTRIES:
-        raise ValidationError("entries", f"must have at most {MAX_ENTRIES} entries")
+    if len(entries_in) > limits.high:
+        raise ValidationError("entries", f"must have at most {limits.high} entries")
     entries = {}
     for key, spec in entries_in.items():
         field = f"entries.{key}"
-        _name(key, f"entries key {key!r}")
+        _name(key, f"entries key {key!r}", limits.keys)
         if not isinstance(spec, dict):
             raise ValidationError(field, "must be an object with cron_time and url")
         check_fields(spec, "/put entries.*", f"{field}.", strict)
@@ -1063,25 +1167,51 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
         except ScheduleError as exc:
             raise ValidationError(f"{field}.cron_time", str(exc)) from None
         _check_json(spec.get("body"), f"{field}.body")
-        overlap = _choice(spec.get("overlap", "allow"), f"{field}.overlap", OVERLAP_POLICIES)
-        method = _choice(spec.get("method", "POST"), f"{field}.method", METHODS)
+        at = "/put entries.*"
+        overlap = _take(spec, at, "overlap", f"{field}.overlap")
+        method = _take(spec, at, "method", f"{field}.method")
         if method in BODILESS_METHODS and spec.get("body") is not None:
             raise ValidationError(f"{field}.body", f"a {method} webhook is sent without a body")
-        timeout = spec.get("timeout")
-        if timeout is not None:
-            timeout = float(_number(timeout, f"{field}.timeout", 0.001, max_timeout))
-        grace = spec.get("misfire_grace")
-        if grace is not None:
-            grace = float(_number(grace, f"{field}.misfire_grace", 0, MAX_EVERY))
-        entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
+        timeout = _take(spec, at, "timeout", f"{field}.timeout", max_timeout)
+        grace = _take(spec, at, "misfire_grace", f"{field}.misfire_grace")
+        entries[key] = Entry(cron_time, _take(spec, at, "url", f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
                              retry=_retry(spec.get("retry"), f"{field}.retry", strict),
-                             overlap=overlap, method=method, timeout=timeout,
-                             running=_bool(spec.get("running", True), f"{field}.running"),
-                             misfire=_choice(spec.get("misfire", "skip"), f"{field}.misfire",
-                                             MISFIRE_POLICIES), misfire_grace=grace)
+                             overlap=overlap, method=method,
+                             timeout=None if timeout is None else float(timeout),
+                             running=_take(spec, at, "running", f"{field}.running"),
+                             misfire=_take(spec, at, "misfire", f"{field}.misfire"),
+                             misfire_grace=None if grace is None else float(grace))
     return Task(identity, zone_name, start, entries)
+
+
+def _take(request: dict, where: str, name: str, label: str = "",
+          high: float | None = None) -> Any:
+    """Return field ``name`` of ``request`` checked against REQUEST_FIELDS[where][name]: its
+    default when absent (or null, or "", where the table counts them as absent), else the
+    value, checked by kind (zone, cron, object, map, headers, names and any are left to the
+    caller). ``high`` replaces the table's (a setting's value). Raises ValidationError naming
+    ``label`` (the field's name by default)."""
+    spec = REQUEST_FIELDS[where][name]
+    label, value = label or name, request.get(name)
+    if not spec.required and (name not in request or (value is None and spec.null)
+                              or (value == "" and spec.empty)):
+        return spec.default
+    high = spec.high if high is None else high
+    if spec.kind == "name":
+        return _name(value, label, int(high))
+    if spec.kind == "url":
+        return _url(value, label, int(high))
+    if spec.kind == "boolean":
+        return _bool(value, label)
+    if spec.kind == "choice":
+        return _choice(value, label, spec.choices)
+    if spec.kind == "number":
+        return _number(value, label, spec.low, high)
+    if spec.kind == "whole":
+        return _whole(value, label, int(spec.low), int(high))
+    return value
 
 
 def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
@@ -1098,6 +1228,12 @@ def _number(value: Any, field: str, low: float, high: float) -> float:
     return value
 
 
+def _whole(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(field, f"must be a whole number from {low} to {high}")
+    return value
+
+
 def _retry(value: Any, field: str, strict: bool = True) -> dict | None:
     if value is None:
         return None
@@ -1105,11 +1241,12 @@ def _retry(value: Any, field: str, strict: bool = True) -> dict | None:
         raise ValidationError(field, "must be an object with attempts, backoff, max_backoff "
                                      "and/or max_duration")
     check_fields(value, "/put entries.*.retry", f"{field}.", strict)
-    value = {name: value[name] for name in RETRY_LIMITS if name in value}
-    for name, (low, high) in RETRY_LIMITS.items():
+    fields = REQUEST_FIELDS["/put entries.*.retry"]
+    value = {name: value[name] for name in fields if name in value}
+    for name, spec in fields.items():
         if name in value:
-            _number(value[name], f"{field}.{name}", low, high)
-            if name == "attempts" and not isinstance(value[name], int):
+            _number(value[name], f"{field}.{name}", spec.low, spec.high)
+            if spec.kind == "whole" and not isinstance(value[name], int):
                 raise ValidationError(f"{field}.attempts", "must be a whole number")
     return dict(value)
 
@@ -1119,29 +1256,17 @@ def validate_search(request: dict, strict: bool = True) -> dict:
     check_fields(request, "/search", strict=strict)
     query: dict[str, Any] = {"type": None, "identity": None, "key": None, "scheduled": None,
                              "gte": None, "lte": None, "limit": 20, "skip": 0}
-    kind = request.get("type")
-    if kind not in (None, "") and kind not in LOG_TYPES:
-        raise ValidationError("type", f"must be one of {', '.join(LOG_TYPES)}")
-    query["type"] = kind or None
-    for name in ("identity", "key"):
-        if request.get(name) not in (None, ""):
-            query[name] = _name(request[name], name)
-    if request.get("scheduled") is not None:
-        query["scheduled"] = _number(request["scheduled"], "scheduled", 0, 1e11)
+    for name in ("type", "identity", "key", "scheduled"):
+        query[name] = _take(request, "/search", name)
     span = request.get("time")
     if span is not None:
         if not isinstance(span, dict):
             raise ValidationError("time", "must be an object with gte and/or lte")
         check_fields(span, "/search time", "time.", strict)
         for side in ("gte", "lte"):
-            if span.get(side) is not None:
-                query[side] = _number(span[side], f"time.{side}", -1e11, 1e11)
-    for name, low, high in (("limit", 1, MAX_SEARCH_LIMIT), ("skip", 0, MAX_SEARCH_WINDOW)):
-        value = request.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValidationError(name, f"must be a whole number from {low} to {high}")
-            query[name] = value
+            query[side] = _take(span, "/search time", side, f"time.{side}")
+    for name in ("limit", "skip"):
+        query[name] = _take(request, "/search", name)
     if query["skip"] + query["limit"] > MAX_SEARCH_WINDOW:
         raise ValidationError("skip", f"skip + limit must be at most {MAX_SEARCH_WINDOW}")
     return query
@@ -3242,7 +3367,8 @@ class Service:
         return request
 
     def get(self, request: dict) -> dict:
-        return self._view(self._require(_identity(self._fields(request, "/get"))))
+        return self._view(self._require(_take(self._fields(request, "/get"), "/get",
+                                              "identity")))
 
     def all(self, request: dict) -> list:
         self._fields(request, "/all")
@@ -3250,27 +3376,28 @@ class Service:
 
     def lists(self, request: dict) -> list:
         identities = self._fields(request, "/lists").get("identity")
-        if not isinstance(identities, list) or len(identities) > MAX_LISTS:
-            raise ValidationError("identity", f"must be an array of at most {MAX_LISTS} "
+        limits = REQUEST_FIELDS["/lists"]["identity"]
+        if not isinstance(identities, list) or len(identities) > limits.high:
+            raise ValidationError("identity", f"must be an array of at most {limits.high} "
                                               "task identities")
         views = []
         for i, identity in enumerate(identities):
-            task = self._scheduler.task(_name(identity, f"identity[{i}]"))
+            task = self._scheduler.task(_name(identity, f"identity[{i}]", limits.keys))
             if task is not None:
                 views.append(self._view(task))
         return views
 
     def running(self, request: dict) -> None:
         """Pause or resume a task, or with ``key`` one of its entries."""
-        identity = _identity(self._fields(request, "/running"))
-        running = _bool(request.get("running"), "running")
+        identity = _take(self._fields(request, "/running"), "/running", "identity")
+        running = _take(request, "/running", "running")
         key = request.get("key")
         with self._lock:
             task = self._require(identity)
             if key is None:
                 task = dataclasses.replace(task, start=running)
             else:
-                entry = self._entry(task, key)
+                entry = self._entry(task, key, "/running")
                 task = dataclasses.replace(task, entries={
                     **task.entries, key: dataclasses.replace(entry, running=running)})
             self._store.save_task(task.document(*self._scheduler.marks(identity)))
@@ -3279,8 +3406,8 @@ class Service:
                 "running": running}
         self._writer.write_now(make_log("running", identity, body=body))
 
-    def _entry(self, task: Task, key: Any) -> Entry:
-        entry = task.entries.get(_name(key, "key"))
+    def _entry(self, task: Task, key: Any, where: str) -> Entry:
+        entry = task.entries.get(_take({"key": key}, where, "key"))
         if entry is None:
             raise ValidationError("key", f"task {task.identity!r} has no entry {key!r}")
         return entry
@@ -3289,9 +3416,9 @@ class Service:
         """Fire an entry now, once, outside its schedule (also when paused), with its
         headers, body, signature and retry policy; its log carries "trigger": true. Returns
         the fire's instant and id at once; the log says how it went."""
-        identity = _identity(self._fields(request, "/trigger"))
+        identity = _take(self._fields(request, "/trigger"), "/trigger", "identity")
         key = request.get("key")
-        self._entry(self._require(identity), key)
+        self._entry(self._require(identity), key, "/trigger")
         try:
             fire = self._scheduler.trigger(identity, key)
         except KeyError:  # deleted or replaced in between
@@ -3300,7 +3427,7 @@ class Service:
                 "fire_id": fire_id(identity, key, fire.scheduled)}
 
     def delete(self, request: dict) -> None:
-        identity = _identity(self._fields(request, "/delete"))
+        identity = _take(self._fields(request, "/delete"), "/delete", "identity")
         with self._lock:
             self._require(identity)
             self._store.delete_task(identity)
@@ -3312,15 +3439,15 @@ class Service:
                             self._config.es_default_index)
 
     def clear(self, request: dict) -> None:
-        self._store.clear(_identity(self._fields(request, "/clear")))
+        self._store.clear(_take(self._fields(request, "/clear"), "/clear", "identity"))
 
     def retry(self, request: dict) -> dict:
         """Send one failed fire again, now, once, with its fire id; return its new log."""
-        identity = _identity(self._fields(request, "/retry"))
-        key = _name(request.get("key"), "key")
-        scheduled = float(_number(request.get("scheduled"), "scheduled", 0, 1e11))
+        identity = _take(self._fields(request, "/retry"), "/retry", "identity")
+        key = _take(request, "/retry", "key")
+        scheduled = float(_take(request, "/retry", "scheduled"))
         task = self._require(identity)
-        entry = self._entry(task, key)
+        entry = self._entry(task, key, "/retry")
         found = {kind: self._store.search(validate_search(
             {"type": kind, "identity": identity, "key": key, "scheduled": scheduled,
              "limit": 1}))["records"] for kind in ("error", "success")}
@@ -3359,17 +3486,14 @@ class Service:
 
     def preview(self, request: dict) -> list:
         """Return the next fires of a cron_time, each with what daylight saving did to it."""
-        zone_name = self._fields(request, "/preview").get("time_zone", "UTC")
+        zone_name = _take(self._fields(request, "/preview"), "/preview", "time_zone")
         try:
             zone = load_zone(zone_name if isinstance(zone_name, str) else "")
         except ScheduleError as exc:
             raise ValidationError("time_zone", str(exc)) from None
-        count = request.get("count", 10)
-        if isinstance(count, bool) or not isinstance(count, int) or \
-                not 1 <= count <= MAX_PREVIEW:
-            raise ValidationError("count", f"must be a whole number from 1 to {MAX_PREVIEW}")
-        after = request.get("after")
-        after = self._clock.now() if after is None else _number(after, "after", 0, 1e11)
+        count = _take(request, "/preview", "count")
+        after = _take(request, "/preview", "after")
+        after = self._clock.now() if after is None else after
         try:  # @every counts from a whole second, as for a put
             schedule = self._schedules.get(request.get("cron_time"), zone.key, math.floor(after))
         except ScheduleError as exc:
