@@ -3742,6 +3742,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
+    def __getattr__(self, name: str) -> Any:
+        # Every other method (TRACE, QUERY, ...) goes through the routes too, and is a 404 or
+        # a 405 as a route table answers it, not the base class's 501: a server error to
+        # clients and fuzzers, for what is the client's choice (found by schemathesis).
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True

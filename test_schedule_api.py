@@ -666,6 +666,9 @@ def test_unknown_path_is_404_and_wrong_method_405_in_json(app):
     assert status == 405 and reply == {"error": 1, "msg": "/get takes POST"}
     status, reply = post(app.url, "/put", {}, method="DELETE")
     assert status == 405
+    for method in ("TRACE", "QUERY", "CONNECT"):  # not the base class's 501
+        assert post(app.url, "/get", method=method)[0] == 405
+        assert post(app.url, "/nope", method=method)[0] == 404
 
 
 def test_health_answers_get_with_the_store_state(app):
