@@ -24,8 +24,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
     /clear    delete the logs of one task
 
 and ours: /retry (send a failed fire again), /trigger (fire an entry now), /preview (the
-next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK, and
-``GET /metrics`` for Prometheus.
+next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK,
+``GET /metrics`` for Prometheus, and ``GET /openapi.json``, the API as OpenAPI 3.1.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ __all__ = [
     "ElasticsearchStore",
     "Entry",
     "EverySchedule",
+    "Field",
     "Fire",
     "LogWriter",
     "Metrics",
@@ -100,6 +101,7 @@ __all__ = [
     "Webhooks",
     "carries_over",
     "check_fields",
+    "field_schema",
     "fire_id",
     "fire_log",
     "import_tasks",
@@ -109,7 +111,9 @@ __all__ = [
     "make_server",
     "missed_instants",
     "open_store",
+    "openapi_document",
     "parse_schedule",
+    "request_schema",
     "retry_plan",
     "rfc3339",
     "signature",
@@ -906,7 +910,7 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Field:
     """One field of a request object: its kind, limits and meaning. Validation takes every
-    limit and choice from here, and openapi_schema() describes the field from here (issue
+    limit and choice from here, and field_schema() describes the field from here (issue
     10): one table, so the published document cannot drift from what is checked.
 
     ``kind``: name (a string of ``low``-``high`` characters, no control characters), zone
@@ -915,8 +919,9 @@ class Field:
     Config field that gives ``high`` instead), choice (one of ``choices``), object (its
     fields are REQUEST_FIELDS[``of``]), map (``low``-``high`` keys, each a name of at most
     ``keys`` characters, to objects of REQUEST_FIELDS[``of``]), headers (at most ``high``
-    header names to Latin-1 strings), names (an array of at most ``high`` names of at most ``keys`` characters), any (any
-    JSON value). ``null``: null counts as absent; ``empty``: so does "" (a /search filter).
+    header names to Latin-1 strings), names (an array of at most ``high`` names of at most
+    ``keys`` characters), any (any JSON value). ``null``: null counts as absent; ``empty``:
+    so does "" (a /search filter).
     """
 
     kind: str
@@ -1039,6 +1044,79 @@ def check_fields(value: dict, where: str, prefix: str = "", strict: bool = True)
     if unknown:
         raise ValidationError(f"{prefix}{unknown[0]}",
                               "is not a known field" + nearest(unknown[0], known))
+
+
+# JSON Schema (2020-12, as OpenAPI 3.1 has it) of the table above, for GET /openapi.json. The
+# patterns are the checks above written as regular expressions that JSON Schema tools read.
+_NO_CONTROL = r"^[^\u0000-\u001f\u007f]*$"
+_HTTP_URL = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\u0000-\u0020\u007f]+$"
+_LATIN1_LINE = r"^[\u0001-\u0009\u000b\u000c\u000e-\u00ff]*$"  # no CR, LF or NUL
+_EXAMPLES = {"zone": ["UTC", "Asia/Shanghai", "America/New_York"],
+             "cron": ["*/10 * * * * *", "0 30 9 * * mon-fri", "30 9 * * *", "@daily",
+                      "@every 1h30m", "CRON_TZ=Europe/Paris 0 0 3 * * *"],
+             "url": ["http://127.0.0.1:8080/hook"]}
+
+
+def _any_case(name: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+
+
+def _name_schema(low: int, high: int) -> dict:
+    return {"type": "string", "minLength": low, "maxLength": high, "pattern": _NO_CONTROL}
+
+
+def field_schema(spec: Field, strict: bool = True, config: Config | None = None) -> dict:
+    """Return the JSON Schema of a Field: the limits validation checks, the default, and
+    null where null counts as absent. ``strict``: objects refuse unknown fields
+    (additionalProperties false); ``config`` gives the limits that are settings."""
+    high = getattr(config or Config(), spec.setting) if spec.setting else spec.high
+    kind = spec.kind
+    if kind == "name":
+        schema = _name_schema(0 if spec.empty else int(spec.low), int(high))
+    elif kind in ("zone", "cron"):
+        schema = {"type": "string", "minLength": 1, "examples": _EXAMPLES[kind]}
+    elif kind == "url":
+        schema = {"type": "string", "maxLength": int(high), "pattern": _HTTP_URL,
+                  "examples": _EXAMPLES[kind]}
+    elif kind == "boolean":
+        schema = {"type": "boolean"}
+    elif kind in ("number", "whole"):
+        schema = {"type": "number" if kind == "number" else "integer", "minimum": spec.low,
+                  "maximum": high}
+    elif kind == "choice":
+        schema = {"type": "string", "enum": [*spec.choices, *([""] if spec.empty else [])]}
+    elif kind == "object":
+        schema = request_schema(spec.of, strict, config)
+    elif kind == "map":
+        schema = {"type": "object", "minProperties": spec.low, "maxProperties": high,
+                  "propertyNames": _name_schema(1, spec.keys),
+                  "additionalProperties": request_schema(spec.of, strict, config)}
+    elif kind == "headers":
+        reserved = "|".join(_any_case(name) for name in sorted(FORBIDDEN_HEADERS))
+        schema = {"type": "object", "maxProperties": int(high),
+                  "propertyNames": {"pattern": HEADER_NAME.pattern, "not": {
+                      "pattern": f"^(?:{reserved}|{_any_case('x-schedule-')}.*)$"}},
+                  "additionalProperties": {"type": "string", "pattern": _LATIN1_LINE}}
+    elif kind == "names":
+        schema = {"type": "array", "maxItems": int(high), "items": _name_schema(1, spec.keys)}
+    else:  # any JSON value
+        schema = {}
+    if spec.null and kind != "any":
+        schema = {"anyOf": [schema, {"type": "null"}]}
+    if spec.default is not None:
+        schema["default"] = spec.default
+    return {"description": spec.doc, **schema} if spec.doc else schema
+
+
+def request_schema(where: str, strict: bool = True, config: Config | None = None) -> dict:
+    """Return the JSON Schema of request object REQUEST_FIELDS[where] (see field_schema)."""
+    fields = REQUEST_FIELDS[where]
+    schema = {"type": "object",
+              "properties": {name: field_schema(spec, strict, config)
+                             for name, spec in fields.items()},
+              "additionalProperties": not strict}
+    required = [name for name, spec in fields.items() if spec.required]
+    return {**schema, "required": required} if required else schema
 
 
 def _reject_constant(name: str) -> None:
@@ -3577,6 +3655,165 @@ class Service:
 
 # HTTP #######################################################################################
 
+# What each operation does and what its reply's data is (None: a plain {"error": 0, "msg":
+# "ok"}), for GET /openapi.json; the requests come from REQUEST_FIELDS.
+_DATE = {"type": "string", "format": "date-time",
+         "description": f"RFC 3339 in the task's zone; {ZERO_DATE} for none"}
+_LOG = {"type": "object", "required": ["type", "identity", "time"],
+        "properties": {"type": {"enum": list(LOG_TYPES)}, "identity": {"type": "string"},
+                       "time": {"type": "integer", "description": "UNIX seconds"}},
+        "description": "a log: put, running and delete carry the request as body; success "
+                       "and error the fire (README, /search)"}
+_OPERATIONS: dict[str, tuple[str, dict | None]] = {
+    "put": ("Create or replace a task", None),
+    "get": ("One task, with next_date and last_date of each entry",
+            {"$ref": "#/components/schemas/Task"}),
+    "all": ("The identities of all tasks", {"type": "array", "items": {"type": "string"}}),
+    "lists": ("Several tasks by identity", {"type": "array",
+                                            "items": {"$ref": "#/components/schemas/Task"}}),
+    "running": ("Pause or resume a task, or one of its entries", None),
+    "delete": ("Stop and delete a task", None),
+    "search": ("Search the logs, newest first, in Elasticsearch's shape", {
+        "type": "object", "required": ["hits"], "properties": {"hits": {
+            "type": "object", "required": ["total", "max_score", "hits"], "properties": {
+                "total": {"type": "object", "required": ["value", "relation"],
+                          "properties": {"value": {"type": "integer", "minimum": 0},
+                                         "relation": {"const": "eq"}}},
+                "max_score": {"type": "null"},
+                "hits": {"type": "array", "items": {
+                    "type": "object", "required": ["_index", "_type", "_id", "_score",
+                                                   "_source"],
+                    "properties": {"_index": {"type": "string"}, "_type": {"type": "string"},
+                                   "_id": {"type": "string"}, "_score": {"type": "null"},
+                                   "_source": _LOG}}}}}}}),
+    "clear": ("Delete the logs of one task", None),
+    "retry": ("Send a failed fire again, now, once; its new log",
+              {**_LOG, "required": [*_LOG["required"], "_id"]}),
+    "preview": ("The next fires of a cron_time, with what daylight saving did", {
+        "type": "array", "items": {
+            "type": "object", "required": ["date", "time", "dst"], "additionalProperties": False,
+            "properties": {"date": _DATE, "time": {"type": "number"},
+                           "dst": {"enum": ["moved", "merged", "repeated", None]}}}}),
+    "trigger": ("Fire an entry now, once, outside its schedule", {
+        "type": "object", "required": ["identity", "key", "scheduled", "fire_id"],
+        "additionalProperties": False,
+        "properties": {"identity": {"type": "string"}, "key": {"type": "string"},
+                       "scheduled": {"type": "number"}, "fire_id": {"type": "string"}}}),
+}
+
+
+# A request of each operation, as README shows them.
+_REQUEST_EXAMPLES = {
+    "put": {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "index": {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:8080/",
+                  "headers": {"Authorization": "Bearer abc"}, "body": {"hello": "world"}}}},
+    "get": {"identity": "test"},
+    "all": {},
+    "lists": {"identity": ["test", "other"]},
+    "running": {"identity": "test", "key": "index", "running": False},
+    "delete": {"identity": "test"},
+    "search": {"identity": "test", "type": "error", "limit": 20, "skip": 0,
+               "time": {"gte": 1574902660, "lte": 1574903060}},
+    "clear": {"identity": "test"},
+    "retry": {"identity": "test", "key": "index", "scheduled": 1795593600},
+    "preview": {"cron_time": "0 30 2 * * *", "time_zone": "America/New_York", "count": 2,
+                "after": 1710000000},
+    "trigger": {"identity": "test", "key": "index"},
+}
+
+
+def openapi_document(config: Config) -> dict:
+    """Return the OpenAPI 3.1 document of the API as ``config`` serves it: each operation's
+    request from REQUEST_FIELDS (the table validation checks against; additionalProperties
+    false unless [server] ignore_unknown_fields), its replies, the statuses every endpoint
+    may answer, and the bearer token when one is set. /openapi.json and /health are public.
+    """
+    strict = not config.ignore_unknown_fields
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def envelope(status: int, why: str, headers: dict | None = None) -> tuple[str, dict]:
+        answer = {"description": why, "content": {"application/json": {"schema": error}}}
+        return str(status), {**answer, "headers": headers} if headers else answer
+    common = dict([envelope(400, "malformed HTTP (a Content-Length that is not a number)")])
+    guarded = dict([envelope(401, "missing or wrong Authorization: Bearer <token>", {
+        "WWW-Authenticate": {"schema": {"const": "Bearer"}}})]) if config.token else {}
+    view = request_schema("/put", strict, config)
+    entry = view["properties"]["entries"]["additionalProperties"]
+    entry["properties"].update(next_date=_DATE, last_date=_DATE)
+    entry["required"] = ["cron_time", "url", "headers", "body", "next_date", "last_date"]
+    view["required"] = ["identity", "time_zone", "start", "entries"]
+    paths = {}
+    for op in Service.OPERATIONS:
+        summary, data = _OPERATIONS[op]
+        fields = REQUEST_FIELDS[f"/{op}"]
+        success = {"type": "object", "additionalProperties": False,
+                   "required": ["error", "msg" if data is None else "data"],
+                   "properties": {"error": {"const": 0}, **(
+                       {"msg": {"const": "ok"}} if data is None else {"data": data})}}
+        paths[f"/{op}"] = {"post": {
+            "operationId": op, "summary": summary,
+            "requestBody": {
+                # An empty body counts as {}: required only where some field is.
+                "required": any(spec.required for spec in fields.values()),
+                "content": {"application/json": {
+                    "schema": request_schema(f"/{op}", strict, config),
+                    "example": _REQUEST_EXAMPLES[op]}}},
+            "responses": {
+                "200": {"description": "done (error 0), or refused, naming the field, with "
+                                       "nothing changed (error 1)",
+                        "content": {"application/json": {"schema": {
+                            "oneOf": [success, error]}}}},
+                **common, **guarded,
+                **dict([envelope(411, "a chunked body: send a Content-Length"),
+                        envelope(413, f"a body over {config.max_body_bytes} bytes, unread"),
+                        envelope(500, "a bug; the service log has the traceback"),
+                        envelope(503, "starting: the stored tasks are still loading", {
+                            "Retry-After": {"schema": {"type": "integer"}}})])}}}
+    health = {"type": "object", "required": ["version", "ready", "tasks", "store", "ok"],
+              "properties": {"version": {"type": "string"}, "ready": {"type": "boolean"},
+                             "tasks": {"type": "integer"}, "store": {"type": "string"},
+                             "ok": {"type": "boolean"}}}
+    paths["/health"] = {"get": {
+        "operationId": "health", "summary": "The store's state, for load balancers; public",
+        "security": [], "responses": {"200": {
+            "description": "always, while the service runs",
+            "content": {"application/json": {"schema": {
+                "type": "object", "required": ["error", "data"], "additionalProperties": False,
+                "properties": {"error": {"const": 0}, "data": health}}}}}, **common}}}
+    paths["/metrics"] = {"get": {
+        "operationId": "metrics", "summary": "Prometheus' text format 0.0.4",
+        **({"security": []} if config.metrics_public else {}),
+        "responses": {"200": {"description": "the metrics (README, Metrics)",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      **common, **({} if config.metrics_public else guarded)}}}
+    paths["/openapi.json"] = {"get": {
+        "operationId": "openapi", "summary": "This document; public", "security": [],
+        "responses": {"200": {"description": "OpenAPI 3.1",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **common}}}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "schedule-api", "version": __version__, "description": (
+            "Fires webhooks on cron schedules. Every operation takes POST with a JSON object "
+            f"(at most {config.max_body_bytes} bytes, nested at most {MAX_JSON_DEPTH} levels;"
+            " an empty body is {}) and answers HTTP 200 with {\"error\": 0, ...} or "
+            "{\"error\": 1, \"msg\": \"...\"}; other statuses carry the same envelope. An "
+            "unknown path answers 404, another method 405. Rules beyond this document "
+            "(a cron_time that parses, a zone that exists, GET and DELETE webhooks without a "
+            f"body, skip + limit at most {MAX_SEARCH_WINDOW}) are refused the same way, naming "
+            "the field.")},
+        "paths": paths,
+        "components": {"schemas": {"Task": view, "Error": {
+            "type": "object", "required": ["error", "msg"], "additionalProperties": False,
+            "properties": {"error": {"const": 1}, "msg": {"type": "string"}}}}},
+    }
+    if config.token:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                                 "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """JSON in, JSON out. A client's mistake is answered at once; anything else is logged
     with its traceback in one place and answered with a 500 envelope."""
@@ -3607,7 +3844,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Answered without reading the body: the connection cannot serve another request.
             self.close_connection = True
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path.rstrip("/") or "/"
-        known = path in ("/health", "/metrics") or path[1:] in Service.OPERATIONS
+        known = path in ("/health", "/metrics", "/openapi.json") or \
+            path[1:] in Service.OPERATIONS
         self.server.service.metrics.count("schedule_http_requests_total",
                                           endpoint=path if known else "other",
                                           status=str(status))
@@ -3704,6 +3942,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/health":
             self._reply(200, {"error": 0, "data": self.server.service.health()})
             return
+        if path == "/openapi.json":  # public, as /health: the API's shape, no data in it
+            self._answer(200, self.server.openapi, "application/json")
+            return
         if path == "/metrics":  # Prometheus scrapes with GET
             if self.server.config.metrics_public or self._authorized():
                 self._answer(200, self.server.service.metrics_text().encode(),
@@ -3759,6 +4000,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, config: Config, service: Service):
         self.config = config
         self.service = service
+        self.openapi = json.dumps(openapi_document(config)).encode()
         handler = type("Handler", (_Handler,), {"timeout": config.request_timeout})
         super().__init__((config.host, config.port), handler)
 
