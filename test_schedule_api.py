@@ -2373,7 +2373,7 @@ def test_restart_keeps_tasks_running_state_and_last_dates(apps, receiver):
     assert receiver.received("/off") == []
 
 
-# HTTP: the OpenAPI document #################################################################
+# HTTP: the OpenAPI document, and schemathesis against it ####################################
 
 def get_json(url, path):
     """GET a path; return (status, Content-Type, parsed JSON reply)."""
@@ -2506,6 +2506,50 @@ def test_openapi_replies_of_every_operation_match_the_document(sqlite_app, recei
                            "scheduled": 1})["error"] == 1
     assert call("/health", method="get")["data"]["ok"] is True
     assert call("/openapi.json", method="get") == doc
+
+
+def test_schemathesis_finds_no_server_error_and_no_reply_off_the_document(
+        sqlite_apps, receiver, tmp_path, monkeypatch):
+    """Schemathesis (pinned in requirements-test.txt) sends every operation what the document
+    allows and what it does not, and checks each reply: never a 5xx, and status, content
+    type and body as documented. Whatever it puts fires at the receiver, which stands in as
+    the HTTP(S) proxy of every webhook (urllib's rules, read once when the service starts):
+    no host name is looked up and nothing leaves 127.0.0.1."""
+    variables = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+    with monkeypatch.context() as env:
+        for name in (*variables, *(name.upper() for name in variables)):
+            env.delenv(name, raising=False)
+        env.setenv("http_proxy", receiver.url)
+        env.setenv("https_proxy", receiver.url)
+        app = sqlite_apps.start(token="s3cret")
+    ok_put = {"Authorization": "Bearer s3cret"}
+    assert post(app.url, "/put", task(url="http://127.0.0.1:9/x", cron="@hourly"),
+                headers=ok_put)[1]["error"] == 0
+    assert post(app.url, "/trigger", {"identity": "test", "key": "index"},
+                headers=ok_put)[1]["error"] == 0
+    assert receiver.wait_for(1)[0]["path"] == "http://127.0.0.1:9/x"  # through the "proxy"
+    clean = {name: value for name, value in os.environ.items()  # schemathesis goes direct
+             if name.lower() not in variables}
+    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+              "response_schema_conformance")
+    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{app.url}/openapi.json",
+               "--checks", checks,
+               "--header", "Authorization: Bearer s3cret",
+               # Bounded and reproducible: about 15 s here. A regex selects every path: by
+               # default schemathesis leaves out the document's own.
+               "--max-examples", "30", "--seed", "1", "--workers", "2",
+               "--phases", "examples,coverage,fuzzing", "--include-path-regex", "^/",
+               "--generation-database", "none", "--request-timeout", "30", "--no-color",
+               "--suppress-health-check", "all"]
+    result = subprocess.run(command, cwd=tmp_path, env=clean, capture_output=True, text=True,
+                            timeout=240, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"\b[1-9]\d* (failed|errored)", output), output
+    assert f"Tested: {len(sa.Service.OPERATIONS) + 3}\n" in output, output  # every endpoint
+    # Every webhook it caused came to the receiver as a proxy's request (absolute form).
+    assert all(r["path"].startswith("http://") for r in receiver.received())
+    assert post(app.url, "/all", headers=ok_put)[0] == 200  # and the service still answers
 
 
 # Black box: the service as a process ########################################################
