@@ -25,7 +25,8 @@ Endpoints (all POST with a JSON object body; replies ``{"error": 0, ...}`` or
 
 and ours: /retry (send a failed fire again), /trigger (fire an entry now), /preview (the
 next fires of a cron_time), ``GET /health`` for load balancers and Docker's HEALTHCHECK,
-``GET /metrics`` for Prometheus, and ``GET /`` a status page for a person with a browser.
+``GET /metrics`` for Prometheus, ``GET /openapi.json``, the API as OpenAPI 3.1, and
+``GET /`` a status page for a person with a browser.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ __all__ = [
     "ElasticsearchStore",
     "Entry",
     "EverySchedule",
+    "Field",
     "Fire",
     "LogWriter",
     "Metrics",
@@ -100,6 +102,7 @@ __all__ = [
     "Webhooks",
     "carries_over",
     "check_fields",
+    "field_schema",
     "fire_id",
     "fire_log",
     "import_tasks",
@@ -109,7 +112,9 @@ __all__ = [
     "make_server",
     "missed_instants",
     "open_store",
+    "openapi_document",
     "parse_schedule",
+    "request_schema",
     "retry_plan",
     "rfc3339",
     "signature",
@@ -132,6 +137,7 @@ RETRY_DEFAULTS = {"attempts": 0, "backoff": 1.0, "max_backoff": 60.0, "max_durat
 RETRY_LIMITS = {"attempts": (0, 20), "backoff": (0.001, 3600), "max_backoff": (0.001, 86400),
                 "max_duration": (0.001, 86400)}  # (low, high) of each retry field
 MAX_PREVIEW = 100
+MAX_INSTANT = 1e11  # UNIX seconds (year 5138): the largest instant a request may name
 MAX_EVERY = 100 * 365 * 86400.0  # seconds: @every beyond a century is a mistake
 MAX_IDENTITY = 128
 MAX_ENTRIES = 1000
@@ -902,26 +908,132 @@ def carries_over(old: Task | None, task: Task, key: str) -> bool:
             and before.cron_time == task.entries[key].cron_time)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Field:
+    """One field of a request object: its kind, limits and meaning. Validation takes every
+    limit and choice from here, and field_schema() describes the field from here (issue
+    10): one table, so the published document cannot drift from what is checked.
+
+    ``kind``: name (a string of ``low``-``high`` characters, no control characters), zone
+    (an IANA name), cron (a cron_time), url (http or https with a host, at most ``high``
+    characters), boolean, number or whole (from ``low`` to ``high``; ``setting`` names the
+    Config field that gives ``high`` instead), choice (one of ``choices``), object (its
+    fields are REQUEST_FIELDS[``of``]), map (``low``-``high`` keys, each a name of at most
+    ``keys`` characters, to objects of REQUEST_FIELDS[``of``]), headers (at most ``high``
+    header names to Latin-1 strings), names (an array of at most ``high`` names of at most
+    ``keys`` characters), any (any JSON value). ``null``: null counts as absent; ``empty``:
+    so does "" (a /search filter).
+    """
+
+    kind: str
+    doc: str = ""
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    default: Any = None
+    null: bool = False
+    empty: bool = False
+    of: str = ""
+    keys: int = 0
+    setting: str = ""
+
+
+_IDENTITY = Field("name", "the task's name", required=True, low=1, high=MAX_IDENTITY)
+_INSTANT = "UNIX seconds"
+
 # The fields of each request object, by where it stands. Anything else is refused, naming the
 # nearest known field, unless [server] ignore_unknown_fields brings back the original's
 # leniency. An entry may carry next_date and last_date: /get's reply put back is a valid /put.
-REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
-    "/put": ("identity", "time_zone", "start", "entries"),
-    "/put entries.*": ("cron_time", "url", "method", "headers", "body", "timeout", "retry",
-                       "overlap", "misfire", "misfire_grace", "running", "next_date",
-                       "last_date"),
-    "/put entries.*.retry": tuple(RETRY_LIMITS),
-    "/get": ("identity",),
-    "/all": (),
-    "/lists": ("identity",),
-    "/running": ("identity", "key", "running"),
-    "/delete": ("identity",),
-    "/search": ("type", "identity", "key", "scheduled", "time", "limit", "skip"),
-    "/search time": ("gte", "lte"),
-    "/clear": ("identity",),
-    "/retry": ("identity", "key", "scheduled"),
-    "/trigger": ("identity", "key"),
-    "/preview": ("cron_time", "time_zone", "count", "after"),
+REQUEST_FIELDS: dict[str, dict[str, Field]] = {
+    "/put": {
+        "identity": _IDENTITY,
+        "time_zone": Field("zone", "IANA time zone of the entries", default="UTC"),
+        "start": Field("boolean", "fire (true) or keep paused (false)", default=False),
+        "entries": Field("map", "the webhooks, by a key that names each", required=True,
+                         low=1, high=MAX_ENTRIES, of="/put entries.*", keys=MAX_IDENTITY),
+    },
+    "/put entries.*": {
+        "cron_time": Field("cron", "when it fires: six fields (seconds first) or five, "
+                                   "@descriptors, @every <duration>, CRON_TZ= prefix",
+                           required=True),
+        "url": Field("url", "where the webhook goes", required=True, high=MAX_URL),
+        "method": Field("choice", "the webhook's method; GET and DELETE take no body",
+                        choices=METHODS, default="POST"),
+        "headers": Field("headers", "header name to value, sent with the webhook; not Host, "
+                                    "Content-Length, Transfer-Encoding, Connection or "
+                                    "X-Schedule-*", high=MAX_HEADERS, null=True),
+        "body": Field("any", "sent as JSON; null: no body (nested at most "
+                             f"{MAX_JSON_DEPTH} levels)", null=True),
+        "timeout": Field("number", "seconds a try may take, all included; null: [webhook] "
+                                   "timeout", low=0.001, setting="max_timeout", null=True),
+        "retry": Field("object", "retries of a failed fire; null: [webhook] retry_attempts",
+                       of="/put entries.*.retry", null=True),
+        "overlap": Field("choice", "when due while its previous fire still runs",
+                         choices=OVERLAP_POLICIES, default="allow"),
+        "misfire": Field("choice", "what to do with fires missed while down or paused",
+                         choices=MISFIRE_POLICIES, default="skip"),
+        "misfire_grace": Field("number", "seconds a missed fire may be late to be sent; null: "
+                                         "[webhook] misfire_grace", low=0, high=MAX_EVERY,
+                               null=True),
+        "running": Field("boolean", "false: this entry alone is paused", default=True),
+        "next_date": Field("any", "ignored (from /get's reply)"),
+        "last_date": Field("any", "ignored (from /get's reply)"),
+    },
+    "/put entries.*.retry": {
+        name: Field("whole" if name == "attempts" else "number", doc, low=low, high=high,
+                    default=RETRY_DEFAULTS[name] if name != "attempts" else None)
+        for (name, (low, high)), doc in zip(RETRY_LIMITS.items(), (
+            "retries after the first try; default [webhook] retry_attempts",
+            "seconds before the first retry, doubling each time",
+            "the most seconds any retry waits",
+            "seconds after the scheduled instant past which no try runs"), strict=True)},
+    "/get": {"identity": _IDENTITY},
+    "/all": {},
+    "/lists": {"identity": Field("names", "identities; unknown ones are left out",
+                                 required=True, high=MAX_LISTS, keys=MAX_IDENTITY)},
+    "/running": {
+        "identity": _IDENTITY,
+        "key": Field("name", "one entry alone; null: the whole task", low=1,
+                     high=MAX_IDENTITY, null=True),
+        "running": Field("boolean", "resume (true) or pause (false)", required=True),
+    },
+    "/delete": {"identity": _IDENTITY},
+    "/search": {
+        "type": Field("choice", "the kind of log; all when absent", choices=LOG_TYPES,
+                      null=True, empty=True),
+        "identity": Field("name", "exact match", low=1, high=MAX_IDENTITY, null=True,
+                          empty=True),
+        "key": Field("name", "exact match on a fire's entry", low=1, high=MAX_IDENTITY,
+                     null=True, empty=True),
+        "scheduled": Field("number", f"exact match on a fire's instant, {_INSTANT}", low=0,
+                           high=MAX_INSTANT, null=True),
+        "time": Field("object", "a span of log times", of="/search time", null=True),
+        "limit": Field("whole", "how many logs, newest first", low=1, high=MAX_SEARCH_LIMIT,
+                       default=20, null=True),
+        "skip": Field("whole", f"offset; skip + limit at most {MAX_SEARCH_WINDOW}", low=0,
+                      high=MAX_SEARCH_WINDOW, default=0, null=True),
+    },
+    "/search time": {
+        side: Field("number", f"{_INSTANT}, {doc}", low=-MAX_INSTANT, high=MAX_INSTANT, null=True)
+        for side, doc in (("gte", "at or after"), ("lte", "at or before"))},
+    "/clear": {"identity": _IDENTITY},
+    "/retry": {
+        "identity": _IDENTITY,
+        "key": Field("name", "the entry", required=True, low=1, high=MAX_IDENTITY),
+        "scheduled": Field("number", f"the failed fire's instant, {_INSTANT}", required=True,
+                           low=0, high=MAX_INSTANT),
+    },
+    "/trigger": {
+        "identity": _IDENTITY,
+        "key": Field("name", "the entry", required=True, low=1, high=MAX_IDENTITY),
+    },
+    "/preview": {
+        "cron_time": Field("cron", "the schedule", required=True),
+        "time_zone": Field("zone", "IANA time zone", default="UTC"),
+        "count": Field("whole", "how many fires", low=1, high=MAX_PREVIEW, default=10),
+        "after": Field("number", f"{_INSTANT}; null: now", low=0, high=MAX_INSTANT, null=True),
+    },
 }
 
 
@@ -933,6 +1045,79 @@ def check_fields(value: dict, where: str, prefix: str = "", strict: bool = True)
     if unknown:
         raise ValidationError(f"{prefix}{unknown[0]}",
                               "is not a known field" + nearest(unknown[0], known))
+
+
+# JSON Schema (2020-12, as OpenAPI 3.1 has it) of the table above, for GET /openapi.json. The
+# patterns are the checks above written as regular expressions that JSON Schema tools read.
+_NO_CONTROL = r"^[^\u0000-\u001f\u007f]*$"
+_HTTP_URL = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\u0000-\u0020\u007f]+$"
+_LATIN1_LINE = r"^[\u0001-\u0009\u000b\u000c\u000e-\u00ff]*$"  # no CR, LF or NUL
+_EXAMPLES = {"zone": ["UTC", "Asia/Shanghai", "America/New_York"],
+             "cron": ["*/10 * * * * *", "0 30 9 * * mon-fri", "30 9 * * *", "@daily",
+                      "@every 1h30m", "CRON_TZ=Europe/Paris 0 0 3 * * *"],
+             "url": ["http://127.0.0.1:8080/hook"]}
+
+
+def _any_case(name: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+
+
+def _name_schema(low: int, high: int) -> dict:
+    return {"type": "string", "minLength": low, "maxLength": high, "pattern": _NO_CONTROL}
+
+
+def field_schema(spec: Field, strict: bool = True, config: Config | None = None) -> dict:
+    """Return the JSON Schema of a Field: the limits validation checks, the default, and
+    null where null counts as absent. ``strict``: objects refuse unknown fields
+    (additionalProperties false); ``config`` gives the limits that are settings."""
+    high = getattr(config or Config(), spec.setting) if spec.setting else spec.high
+    kind = spec.kind
+    if kind == "name":
+        schema = _name_schema(0 if spec.empty else int(spec.low), int(high))
+    elif kind in ("zone", "cron"):
+        schema = {"type": "string", "minLength": 1, "examples": _EXAMPLES[kind]}
+    elif kind == "url":
+        schema = {"type": "string", "maxLength": int(high), "pattern": _HTTP_URL,
+                  "examples": _EXAMPLES[kind]}
+    elif kind == "boolean":
+        schema = {"type": "boolean"}
+    elif kind in ("number", "whole"):
+        schema = {"type": "number" if kind == "number" else "integer", "minimum": spec.low,
+                  "maximum": high}
+    elif kind == "choice":
+        schema = {"type": "string", "enum": [*spec.choices, *([""] if spec.empty else [])]}
+    elif kind == "object":
+        schema = request_schema(spec.of, strict, config)
+    elif kind == "map":
+        schema = {"type": "object", "minProperties": spec.low, "maxProperties": high,
+                  "propertyNames": _name_schema(1, spec.keys),
+                  "additionalProperties": request_schema(spec.of, strict, config)}
+    elif kind == "headers":
+        reserved = "|".join(_any_case(name) for name in sorted(FORBIDDEN_HEADERS))
+        schema = {"type": "object", "maxProperties": int(high),
+                  "propertyNames": {"pattern": HEADER_NAME.pattern, "not": {
+                      "pattern": f"^(?:{reserved}|{_any_case('x-schedule-')}.*)$"}},
+                  "additionalProperties": {"type": "string", "pattern": _LATIN1_LINE}}
+    elif kind == "names":
+        schema = {"type": "array", "maxItems": int(high), "items": _name_schema(1, spec.keys)}
+    else:  # any JSON value
+        schema = {}
+    if spec.null and kind != "any":
+        schema = {"anyOf": [schema, {"type": "null"}]}
+    if spec.default is not None:
+        schema["default"] = spec.default
+    return {"description": spec.doc, **schema} if spec.doc else schema
+
+
+def request_schema(where: str, strict: bool = True, config: Config | None = None) -> dict:
+    """Return the JSON Schema of request object REQUEST_FIELDS[where] (see field_schema)."""
+    fields = REQUEST_FIELDS[where]
+    schema = {"type": "object",
+              "properties": {name: field_schema(spec, strict, config)
+                             for name, spec in fields.items()},
+              "additionalProperties": not strict}
+    required = [name for name, spec in fields.items() if spec.required]
+    return {**schema, "required": required} if required else schema
 
 
 def _reject_constant(name: str) -> None:
@@ -969,21 +1154,17 @@ def _name(value: Any, field: str, limit: int = MAX_IDENTITY) -> str:
     return value
 
 
-def _identity(request: dict) -> str:
-    return _name(request.get("identity"), "identity")
-
-
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise ValidationError(field, "must be true or false")
     return value
 
 
-def _url(value: Any, field: str) -> str:
+def _url(value: Any, field: str, limit: int = MAX_URL) -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "must be a non-empty string")
-    if len(value) > MAX_URL:
-        raise ValidationError(field, f"must be at most {MAX_URL} characters")
+    if len(value) > limit:
+        raise ValidationError(field, f"must be at most {limit} characters")
     if any(ord(c) <= 32 or ord(c) == 127 for c in value):
         raise ValidationError(field, "must not contain spaces or control characters")
     try:
@@ -1007,8 +1188,9 @@ def _headers(value: Any, field: str) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise ValidationError(field, "must be an object of header names to string values")
-    if len(value) > MAX_HEADERS:
-        raise ValidationError(field, f"must have at most {MAX_HEADERS} headers")
+    limit = int(REQUEST_FIELDS["/put entries.*"]["headers"].high)
+    if len(value) > limit:
+        raise ValidationError(field, f"must have at most {limit} headers")
     for name, text in value.items():
         if not HEADER_NAME.fullmatch(name):
             raise ValidationError(field, f"{name!r} is not a valid header name")
@@ -1036,24 +1218,25 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
     if not isinstance(request, dict):
         raise ValidationError("", "request body must be a JSON object")
     check_fields(request, "/put", strict=strict)
-    identity = _identity(request)
-    zone_name = request.get("time_zone", "UTC")
+    identity = _take(request, "/put", "identity")
+    zone_name = _take(request, "/put", "time_zone")
     if not isinstance(zone_name, str) or not zone_name:
         raise ValidationError("time_zone", "must be an IANA time zone name like Asia/Shanghai")
     try:
         load_zone(zone_name)
     except ScheduleError as exc:
         raise ValidationError("time_zone", str(exc)) from None
-    start = _bool(request.get("start", False), "start")
+    start = _take(request, "/put", "start")
     entries_in = request.get("entries")
-    if not isinstance(entries_in, dict) or not entries_in:
+    limits = REQUEST_FIELDS["/put"]["entries"]
+    if not isinstance(entries_in, dict) or len(entries_in) < limits.low:
         raise ValidationError("entries", "must be a non-empty object of entries")
-    if len(entries_in) > MAX_ENTRIES:
-        raise ValidationError("entries", f"must have at most {MAX_ENTRIES} entries")
+    if len(entries_in) > limits.high:
+        raise ValidationError("entries", f"must have at most {limits.high} entries")
     entries = {}
     for key, spec in entries_in.items():
         field = f"entries.{key}"
-        _name(key, f"entries key {key!r}")
+        _name(key, f"entries key {key!r}", limits.keys)
         if not isinstance(spec, dict):
             raise ValidationError(field, "must be an object with cron_time and url")
         check_fields(spec, "/put entries.*", f"{field}.", strict)
@@ -1063,25 +1246,51 @@ def validate_task(request: Any, now: float, schedules: Schedules | None = None,
         except ScheduleError as exc:
             raise ValidationError(f"{field}.cron_time", str(exc)) from None
         _check_json(spec.get("body"), f"{field}.body")
-        overlap = _choice(spec.get("overlap", "allow"), f"{field}.overlap", OVERLAP_POLICIES)
-        method = _choice(spec.get("method", "POST"), f"{field}.method", METHODS)
+        at = "/put entries.*"
+        overlap = _take(spec, at, "overlap", f"{field}.overlap")
+        method = _take(spec, at, "method", f"{field}.method")
         if method in BODILESS_METHODS and spec.get("body") is not None:
             raise ValidationError(f"{field}.body", f"a {method} webhook is sent without a body")
-        timeout = spec.get("timeout")
-        if timeout is not None:
-            timeout = float(_number(timeout, f"{field}.timeout", 0.001, max_timeout))
-        grace = spec.get("misfire_grace")
-        if grace is not None:
-            grace = float(_number(grace, f"{field}.misfire_grace", 0, MAX_EVERY))
-        entries[key] = Entry(cron_time, _url(spec.get("url"), f"{field}.url"),
+        timeout = _take(spec, at, "timeout", f"{field}.timeout", max_timeout)
+        grace = _take(spec, at, "misfire_grace", f"{field}.misfire_grace")
+        entries[key] = Entry(cron_time, _take(spec, at, "url", f"{field}.url"),
                              _headers(spec.get("headers"), f"{field}.headers"),
                              spec.get("body"), anchor=now,
                              retry=_retry(spec.get("retry"), f"{field}.retry", strict),
-                             overlap=overlap, method=method, timeout=timeout,
-                             running=_bool(spec.get("running", True), f"{field}.running"),
-                             misfire=_choice(spec.get("misfire", "skip"), f"{field}.misfire",
-                                             MISFIRE_POLICIES), misfire_grace=grace)
+                             overlap=overlap, method=method,
+                             timeout=None if timeout is None else float(timeout),
+                             running=_take(spec, at, "running", f"{field}.running"),
+                             misfire=_take(spec, at, "misfire", f"{field}.misfire"),
+                             misfire_grace=None if grace is None else float(grace))
     return Task(identity, zone_name, start, entries)
+
+
+def _take(request: dict, where: str, name: str, label: str = "",
+          high: float | None = None) -> Any:
+    """Return field ``name`` of ``request`` checked against REQUEST_FIELDS[where][name]: its
+    default when absent (or null, or "", where the table counts them as absent), else the
+    value, checked by kind (zone, cron, object, map, headers, names and any are left to the
+    caller). ``high`` replaces the table's (a setting's value). Raises ValidationError naming
+    ``label`` (the field's name by default)."""
+    spec = REQUEST_FIELDS[where][name]
+    label, value = label or name, request.get(name)
+    if not spec.required and (name not in request or (value is None and spec.null)
+                              or (value == "" and spec.empty)):
+        return spec.default
+    high = spec.high if high is None else high
+    if spec.kind == "name":
+        return _name(value, label, int(high))
+    if spec.kind == "url":
+        return _url(value, label, int(high))
+    if spec.kind == "boolean":
+        return _bool(value, label)
+    if spec.kind == "choice":
+        return _choice(value, label, spec.choices)
+    if spec.kind == "number":
+        return _number(value, label, spec.low, high)
+    if spec.kind == "whole":
+        return _whole(value, label, int(spec.low), int(high))
+    return value
 
 
 def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
@@ -1098,6 +1307,12 @@ def _number(value: Any, field: str, low: float, high: float) -> float:
     return value
 
 
+def _whole(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(field, f"must be a whole number from {low} to {high}")
+    return value
+
+
 def _retry(value: Any, field: str, strict: bool = True) -> dict | None:
     if value is None:
         return None
@@ -1105,11 +1320,12 @@ def _retry(value: Any, field: str, strict: bool = True) -> dict | None:
         raise ValidationError(field, "must be an object with attempts, backoff, max_backoff "
                                      "and/or max_duration")
     check_fields(value, "/put entries.*.retry", f"{field}.", strict)
-    value = {name: value[name] for name in RETRY_LIMITS if name in value}
-    for name, (low, high) in RETRY_LIMITS.items():
+    fields = REQUEST_FIELDS["/put entries.*.retry"]
+    value = {name: value[name] for name in fields if name in value}
+    for name, spec in fields.items():
         if name in value:
-            _number(value[name], f"{field}.{name}", low, high)
-            if name == "attempts" and not isinstance(value[name], int):
+            _number(value[name], f"{field}.{name}", spec.low, spec.high)
+            if spec.kind == "whole" and not isinstance(value[name], int):
                 raise ValidationError(f"{field}.attempts", "must be a whole number")
     return dict(value)
 
@@ -1119,29 +1335,17 @@ def validate_search(request: dict, strict: bool = True) -> dict:
     check_fields(request, "/search", strict=strict)
     query: dict[str, Any] = {"type": None, "identity": None, "key": None, "scheduled": None,
                              "gte": None, "lte": None, "limit": 20, "skip": 0}
-    kind = request.get("type")
-    if kind not in (None, "") and kind not in LOG_TYPES:
-        raise ValidationError("type", f"must be one of {', '.join(LOG_TYPES)}")
-    query["type"] = kind or None
-    for name in ("identity", "key"):
-        if request.get(name) not in (None, ""):
-            query[name] = _name(request[name], name)
-    if request.get("scheduled") is not None:
-        query["scheduled"] = _number(request["scheduled"], "scheduled", 0, 1e11)
+    for name in ("type", "identity", "key", "scheduled"):
+        query[name] = _take(request, "/search", name)
     span = request.get("time")
     if span is not None:
         if not isinstance(span, dict):
             raise ValidationError("time", "must be an object with gte and/or lte")
         check_fields(span, "/search time", "time.", strict)
         for side in ("gte", "lte"):
-            if span.get(side) is not None:
-                query[side] = _number(span[side], f"time.{side}", -1e11, 1e11)
-    for name, low, high in (("limit", 1, MAX_SEARCH_LIMIT), ("skip", 0, MAX_SEARCH_WINDOW)):
-        value = request.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValidationError(name, f"must be a whole number from {low} to {high}")
-            query[name] = value
+            query[side] = _take(span, "/search time", side, f"time.{side}")
+    for name in ("limit", "skip"):
+        query[name] = _take(request, "/search", name)
     if query["skip"] + query["limit"] > MAX_SEARCH_WINDOW:
         raise ValidationError("skip", f"skip + limit must be at most {MAX_SEARCH_WINDOW}")
     return query
@@ -3242,7 +3446,8 @@ class Service:
         return request
 
     def get(self, request: dict) -> dict:
-        return self._view(self._require(_identity(self._fields(request, "/get"))))
+        return self._view(self._require(_take(self._fields(request, "/get"), "/get",
+                                              "identity")))
 
     def all(self, request: dict) -> list:
         self._fields(request, "/all")
@@ -3250,27 +3455,28 @@ class Service:
 
     def lists(self, request: dict) -> list:
         identities = self._fields(request, "/lists").get("identity")
-        if not isinstance(identities, list) or len(identities) > MAX_LISTS:
-            raise ValidationError("identity", f"must be an array of at most {MAX_LISTS} "
+        limits = REQUEST_FIELDS["/lists"]["identity"]
+        if not isinstance(identities, list) or len(identities) > limits.high:
+            raise ValidationError("identity", f"must be an array of at most {limits.high} "
                                               "task identities")
         views = []
         for i, identity in enumerate(identities):
-            task = self._scheduler.task(_name(identity, f"identity[{i}]"))
+            task = self._scheduler.task(_name(identity, f"identity[{i}]", limits.keys))
             if task is not None:
                 views.append(self._view(task))
         return views
 
     def running(self, request: dict) -> None:
         """Pause or resume a task, or with ``key`` one of its entries."""
-        identity = _identity(self._fields(request, "/running"))
-        running = _bool(request.get("running"), "running")
+        identity = _take(self._fields(request, "/running"), "/running", "identity")
+        running = _take(request, "/running", "running")
         key = request.get("key")
         with self._lock:
             task = self._require(identity)
             if key is None:
                 task = dataclasses.replace(task, start=running)
             else:
-                entry = self._entry(task, key)
+                entry = self._entry(task, key, "/running")
                 task = dataclasses.replace(task, entries={
                     **task.entries, key: dataclasses.replace(entry, running=running)})
             self._store.save_task(task.document(*self._scheduler.marks(identity)))
@@ -3279,8 +3485,8 @@ class Service:
                 "running": running}
         self._writer.write_now(make_log("running", identity, body=body))
 
-    def _entry(self, task: Task, key: Any) -> Entry:
-        entry = task.entries.get(_name(key, "key"))
+    def _entry(self, task: Task, key: Any, where: str) -> Entry:
+        entry = task.entries.get(_take({"key": key}, where, "key"))
         if entry is None:
             raise ValidationError("key", f"task {task.identity!r} has no entry {key!r}")
         return entry
@@ -3289,9 +3495,9 @@ class Service:
         """Fire an entry now, once, outside its schedule (also when paused), with its
         headers, body, signature and retry policy; its log carries "trigger": true. Returns
         the fire's instant and id at once; the log says how it went."""
-        identity = _identity(self._fields(request, "/trigger"))
+        identity = _take(self._fields(request, "/trigger"), "/trigger", "identity")
         key = request.get("key")
-        self._entry(self._require(identity), key)
+        self._entry(self._require(identity), key, "/trigger")
         try:
             fire = self._scheduler.trigger(identity, key)
         except KeyError:  # deleted or replaced in between
@@ -3300,7 +3506,7 @@ class Service:
                 "fire_id": fire_id(identity, key, fire.scheduled)}
 
     def delete(self, request: dict) -> None:
-        identity = _identity(self._fields(request, "/delete"))
+        identity = _take(self._fields(request, "/delete"), "/delete", "identity")
         with self._lock:
             self._require(identity)
             self._store.delete_task(identity)
@@ -3312,15 +3518,15 @@ class Service:
                             self._config.es_default_index)
 
     def clear(self, request: dict) -> None:
-        self._store.clear(_identity(self._fields(request, "/clear")))
+        self._store.clear(_take(self._fields(request, "/clear"), "/clear", "identity"))
 
     def retry(self, request: dict) -> dict:
         """Send one failed fire again, now, once, with its fire id; return its new log."""
-        identity = _identity(self._fields(request, "/retry"))
-        key = _name(request.get("key"), "key")
-        scheduled = float(_number(request.get("scheduled"), "scheduled", 0, 1e11))
+        identity = _take(self._fields(request, "/retry"), "/retry", "identity")
+        key = _take(request, "/retry", "key")
+        scheduled = float(_take(request, "/retry", "scheduled"))
         task = self._require(identity)
-        entry = self._entry(task, key)
+        entry = self._entry(task, key, "/retry")
         found = {kind: self._store.search(validate_search(
             {"type": kind, "identity": identity, "key": key, "scheduled": scheduled,
              "limit": 1}))["records"] for kind in ("error", "success")}
@@ -3359,17 +3565,14 @@ class Service:
 
     def preview(self, request: dict) -> list:
         """Return the next fires of a cron_time, each with what daylight saving did to it."""
-        zone_name = self._fields(request, "/preview").get("time_zone", "UTC")
+        zone_name = _take(self._fields(request, "/preview"), "/preview", "time_zone")
         try:
             zone = load_zone(zone_name if isinstance(zone_name, str) else "")
         except ScheduleError as exc:
             raise ValidationError("time_zone", str(exc)) from None
-        count = request.get("count", 10)
-        if isinstance(count, bool) or not isinstance(count, int) or \
-                not 1 <= count <= MAX_PREVIEW:
-            raise ValidationError("count", f"must be a whole number from 1 to {MAX_PREVIEW}")
-        after = request.get("after")
-        after = self._clock.now() if after is None else _number(after, "after", 0, 1e11)
+        count = _take(request, "/preview", "count")
+        after = _take(request, "/preview", "after")
+        after = self._clock.now() if after is None else after
         try:  # @every counts from a whole second, as for a put
             schedule = self._schedules.get(request.get("cron_time"), zone.key, math.floor(after))
         except ScheduleError as exc:
@@ -3922,6 +4125,171 @@ STATUS_PAGE_HEADERS = (
 )
 
 
+# What each operation does and what its reply's data is (None: a plain {"error": 0, "msg":
+# "ok"}), for GET /openapi.json; the requests come from REQUEST_FIELDS.
+_DATE = {"type": "string", "format": "date-time",
+         "description": f"RFC 3339 in the task's zone; {ZERO_DATE} for none"}
+_LOG = {"type": "object", "required": ["type", "identity", "time"],
+        "properties": {"type": {"enum": list(LOG_TYPES)}, "identity": {"type": "string"},
+                       "time": {"type": "integer", "description": "UNIX seconds"}},
+        "description": "a log: put, running and delete carry the request as body; success "
+                       "and error the fire (README, /search)"}
+_OPERATIONS: dict[str, tuple[str, dict | None]] = {
+    "put": ("Create or replace a task", None),
+    "get": ("One task, with next_date and last_date of each entry",
+            {"$ref": "#/components/schemas/Task"}),
+    "all": ("The identities of all tasks", {"type": "array", "items": {"type": "string"}}),
+    "lists": ("Several tasks by identity", {"type": "array",
+                                            "items": {"$ref": "#/components/schemas/Task"}}),
+    "running": ("Pause or resume a task, or one of its entries", None),
+    "delete": ("Stop and delete a task", None),
+    "search": ("Search the logs, newest first, in Elasticsearch's shape", {
+        "type": "object", "required": ["hits"], "properties": {"hits": {
+            "type": "object", "required": ["total", "max_score", "hits"], "properties": {
+                "total": {"type": "object", "required": ["value", "relation"],
+                          "properties": {"value": {"type": "integer", "minimum": 0},
+                                         "relation": {"const": "eq"}}},
+                "max_score": {"type": "null"},
+                "hits": {"type": "array", "items": {
+                    "type": "object", "required": ["_index", "_type", "_id", "_score",
+                                                   "_source"],
+                    "properties": {"_index": {"type": "string"}, "_type": {"type": "string"},
+                                   "_id": {"type": "string"}, "_score": {"type": "null"},
+                                   "_source": _LOG}}}}}}}),
+    "clear": ("Delete the logs of one task", None),
+    "retry": ("Send a failed fire again, now, once; its new log",
+              {**_LOG, "required": [*_LOG["required"], "_id"]}),
+    "preview": ("The next fires of a cron_time, with what daylight saving did", {
+        "type": "array", "items": {
+            "type": "object", "required": ["date", "time", "dst"], "additionalProperties": False,
+            "properties": {"date": _DATE, "time": {"type": "number"},
+                           "dst": {"enum": ["moved", "merged", "repeated", None]}}}}),
+    "trigger": ("Fire an entry now, once, outside its schedule", {
+        "type": "object", "required": ["identity", "key", "scheduled", "fire_id"],
+        "additionalProperties": False,
+        "properties": {"identity": {"type": "string"}, "key": {"type": "string"},
+                       "scheduled": {"type": "number"}, "fire_id": {"type": "string"}}}),
+}
+
+
+# A request of each operation, as README shows them.
+_REQUEST_EXAMPLES = {
+    "put": {"identity": "test", "time_zone": "Asia/Shanghai", "start": True, "entries": {
+        "index": {"cron_time": "*/10 * * * * *", "url": "http://127.0.0.1:8080/",
+                  "headers": {"Authorization": "Bearer abc"}, "body": {"hello": "world"}}}},
+    "get": {"identity": "test"},
+    "all": {},
+    "lists": {"identity": ["test", "other"]},
+    "running": {"identity": "test", "key": "index", "running": False},
+    "delete": {"identity": "test"},
+    "search": {"identity": "test", "type": "error", "limit": 20, "skip": 0,
+               "time": {"gte": 1574902660, "lte": 1574903060}},
+    "clear": {"identity": "test"},
+    "retry": {"identity": "test", "key": "index", "scheduled": 1795593600},
+    "preview": {"cron_time": "0 30 2 * * *", "time_zone": "America/New_York", "count": 2,
+                "after": 1710000000},
+    "trigger": {"identity": "test", "key": "index"},
+}
+
+
+def openapi_document(config: Config) -> dict:
+    """Return the OpenAPI 3.1 document of the API as ``config`` serves it: each operation's
+    request from REQUEST_FIELDS (the table validation checks against; additionalProperties
+    false unless [server] ignore_unknown_fields), its replies, the statuses every endpoint
+    may answer, and the bearer token when one is set. /openapi.json and /health are public.
+    """
+    strict = not config.ignore_unknown_fields
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def envelope(status: int, why: str, headers: dict | None = None) -> tuple[str, dict]:
+        answer = {"description": why, "content": {"application/json": {"schema": error}}}
+        return str(status), {**answer, "headers": headers} if headers else answer
+    common = dict([envelope(400, "malformed HTTP (a Content-Length that is not a number)")])
+    guarded = dict([envelope(401, "missing or wrong Authorization: Bearer <token>", {
+        "WWW-Authenticate": {"schema": {"const": "Bearer"}}})]) if config.token else {}
+    view = request_schema("/put", strict, config)
+    entry = view["properties"]["entries"]["additionalProperties"]
+    entry["properties"].update(next_date=_DATE, last_date=_DATE)
+    entry["required"] = ["cron_time", "url", "headers", "body", "next_date", "last_date"]
+    view["required"] = ["identity", "time_zone", "start", "entries"]
+    paths = {}
+    for op in Service.OPERATIONS:
+        summary, data = _OPERATIONS[op]
+        fields = REQUEST_FIELDS[f"/{op}"]
+        success = {"type": "object", "additionalProperties": False,
+                   "required": ["error", "msg" if data is None else "data"],
+                   "properties": {"error": {"const": 0}, **(
+                       {"msg": {"const": "ok"}} if data is None else {"data": data})}}
+        paths[f"/{op}"] = {"post": {
+            "operationId": op, "summary": summary,
+            "requestBody": {
+                # An empty body counts as {}: required only where some field is.
+                "required": any(spec.required for spec in fields.values()),
+                "content": {"application/json": {
+                    "schema": request_schema(f"/{op}", strict, config),
+                    "example": _REQUEST_EXAMPLES[op]}}},
+            "responses": {
+                "200": {"description": "done (error 0), or refused, naming the field, with "
+                                       "nothing changed (error 1)",
+                        "content": {"application/json": {"schema": {
+                            "oneOf": [success, error]}}}},
+                **common, **guarded,
+                **dict([envelope(411, "a chunked body: send a Content-Length"),
+                        envelope(413, f"a body over {config.max_body_bytes} bytes, unread"),
+                        envelope(500, "a bug; the service log has the traceback"),
+                        envelope(503, "starting: the stored tasks are still loading", {
+                            "Retry-After": {"schema": {"type": "integer"}}})])}}}
+    health = {"type": "object", "required": ["version", "ready", "tasks", "store", "ok"],
+              "properties": {"version": {"type": "string"}, "ready": {"type": "boolean"},
+                             "tasks": {"type": "integer"}, "store": {"type": "string"},
+                             "ok": {"type": "boolean"}}}
+    paths["/health"] = {"get": {
+        "operationId": "health", "summary": "The store's state, for load balancers; public",
+        "security": [], "responses": {"200": {
+            "description": "always, while the service runs",
+            "content": {"application/json": {"schema": {
+                "type": "object", "required": ["error", "data"], "additionalProperties": False,
+                "properties": {"error": {"const": 0}, "data": health}}}}}, **common}}}
+    paths["/metrics"] = {"get": {
+        "operationId": "metrics", "summary": "Prometheus' text format 0.0.4",
+        **({"security": []} if config.metrics_public else {}),
+        "responses": {"200": {"description": "the metrics (README, Metrics)",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      **common, **({} if config.metrics_public else guarded)}}}
+    paths["/"] = {"get": {
+        "operationId": "statusPage", "summary": "The status page for a person with a browser;"
+        " public (it holds no data: its script calls the operations with the token)",
+        "security": [], "responses": {"200": {"description": "the page",
+                                              "content": {"text/html": {"schema": {
+                                                  "type": "string"}}}}, **common}}}
+    paths["/openapi.json"] = {"get": {
+        "operationId": "openapi", "summary": "This document; public", "security": [],
+        "responses": {"200": {"description": "OpenAPI 3.1",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **common}}}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "schedule-api", "version": __version__, "description": (
+            "Fires webhooks on cron schedules. Every operation takes POST with a JSON object "
+            f"(at most {config.max_body_bytes} bytes, nested at most {MAX_JSON_DEPTH} levels;"
+            " an empty body is {}) and answers HTTP 200 with {\"error\": 0, ...} or "
+            "{\"error\": 1, \"msg\": \"...\"}; other statuses carry the same envelope. An "
+            "unknown path answers 404, another method 405. Rules beyond this document "
+            "(a cron_time that parses, a zone that exists, GET and DELETE webhooks without a "
+            f"body, skip + limit at most {MAX_SEARCH_WINDOW}) are refused the same way, naming "
+            "the field.")},
+        "paths": paths,
+        "components": {"schemas": {"Task": view, "Error": {
+            "type": "object", "required": ["error", "msg"], "additionalProperties": False,
+            "properties": {"error": {"const": 1}, "msg": {"type": "string"}}}}},
+    }
+    if config.token:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                                 "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """JSON in, JSON out. A client's mistake is answered at once; anything else is logged
     with its traceback in one place and answered with a 500 envelope."""
@@ -3952,7 +4320,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Answered without reading the body: the connection cannot serve another request.
             self.close_connection = True
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path.rstrip("/") or "/"
-        known = path in ("/", "/health", "/metrics") or path[1:] in Service.OPERATIONS
+        known = path in ("/", "/health", "/metrics", "/openapi.json") or \
+            path[1:] in Service.OPERATIONS
         self.server.service.metrics.count("schedule_http_requests_total",
                                           endpoint=path if known else "other",
                                           status=str(status))
@@ -4056,6 +4425,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self._fail(405, "/ takes GET", [("Allow", "GET, HEAD")])
             return
+        if path == "/openapi.json":  # public, as /health: the API's shape, no data in it
+            self._answer(200, self.server.openapi, "application/json")
+            return
         if path == "/metrics":  # Prometheus scrapes with GET
             if self.server.config.metrics_public or self._authorized():
                 self._answer(200, self.server.service.metrics_text().encode(),
@@ -4094,6 +4466,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
+    def __getattr__(self, name: str) -> Any:
+        # Every other method (TRACE, QUERY, ...) goes through the routes too, and is a 404 or
+        # a 405 as a route table answers it, not the base class's 501: a server error to
+        # clients and fuzzers, for what is the client's choice (found by schemathesis).
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
@@ -4103,6 +4483,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, config: Config, service: Service):
         self.config = config
         self.service = service
+        self.openapi = json.dumps(openapi_document(config)).encode()
         handler = type("Handler", (_Handler,), {"timeout": config.request_timeout})
         super().__init__((config.host, config.port), handler)
 

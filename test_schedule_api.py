@@ -669,6 +669,9 @@ def test_unknown_path_is_404_and_wrong_method_405_in_json(app):
     assert status == 405 and reply == {"error": 1, "msg": "/get takes POST"}
     status, reply = post(app.url, "/put", {}, method="DELETE")
     assert status == 405
+    for method in ("TRACE", "QUERY", "CONNECT"):  # not the base class's 501
+        assert post(app.url, "/get", method=method)[0] == 405
+        assert post(app.url, "/nope", method=method)[0] == 404
 
 
 def test_health_answers_get_with_the_store_state(app):
@@ -2585,6 +2588,185 @@ def test_status_page_shows_tasks_and_failed_fires_and_pauses_and_resends(sqlite_
     csp = [e["message"] for e in browser.get_log("browser") if "Content Security" in
            e["message"]]
     assert csp == []  # the page's own script and style run, and nothing else tried to
+
+
+# HTTP: the OpenAPI document, and schemathesis against it ####################################
+
+def get_json(url, path):
+    """GET a path; return (status, Content-Type, parsed JSON reply)."""
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+    conn.request("GET", path)
+    reply = conn.getresponse()
+    text = reply.read()
+    conn.close()
+    return reply.status, reply.getheader("Content-Type"), json.loads(text)
+
+
+def field(schema, *names):
+    """Return the schema of a nested request field: its object's properties, through
+    entries' values (``*``) and past ``anyOf`` [..., null]."""
+    for name in names:
+        schema = schema["additionalProperties"] if name == "*" else schema["properties"][name]
+        schema = next((s for s in schema.get("anyOf", []) if s != {"type": "null"}), schema)
+    return schema
+
+
+def test_openapi_json_is_valid_openapi_3_1_public_and_describes_the_token(sqlite_apps):
+    from openapi_spec_validator import validate
+    app = sqlite_apps.start(token="s3cret", max_body_bytes=5000)
+    status, kind, doc = get_json(app.url, "/openapi.json")  # without the token: public
+    assert status == 200 and kind == "application/json"
+    validate(doc)  # raises on anything that is not OpenAPI 3.1
+    assert doc["openapi"] == "3.1.0" and doc["info"]["version"] == sa.__version__
+    assert set(doc["paths"]) == {f"/{op}" for op in sa.Service.OPERATIONS} | {
+        "/", "/health", "/metrics", "/openapi.json"}
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http",
+                                                              "scheme": "bearer"}
+    assert doc["security"] == [{"bearer": []}]
+    for path in ("/health", "/openapi.json"):
+        assert doc["paths"][path]["get"]["security"] == []
+    put = doc["paths"]["/put"]["post"]
+    assert {"200", "401", "411", "413", "500", "503"} <= set(put["responses"])
+    assert "5000 bytes" in put["responses"]["413"]["description"]
+    assert post(app.url, "/put", {}, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    assert post(app.url, "/openapi.json", method="GET")[0] == 200  # once more, as clients do
+
+
+def test_openapi_limits_are_the_ones_validation_checks(sqlite_apps):
+    """Each limit, read from the document, is accepted at its bound and refused one past it
+    naming the field: the document and the validation come from one table."""
+    app = sqlite_apps.start(max_timeout=42)
+    doc = get_json(app.url, "/openapi.json")[2]
+
+    def schema(path):
+        return doc["paths"][path]["post"]["requestBody"]["content"]["application/json"][
+            "schema"]
+    put, search = schema("/put"), schema("/search")
+    assert put["additionalProperties"] is False and put["required"] == ["identity", "entries"]
+    longest = field(put, "identity")["maxLength"]
+    assert longest == sa.MAX_IDENTITY
+    ok(app.url, "/put", task(identity="x" * longest))
+    reply = post(app.url, "/put", task(identity="x" * (longest + 1)))[1]
+    assert reply == {"error": 1, "msg": f"identity: must be at most {longest} characters"}
+    most = field(put, "entries", "*", "timeout")["maximum"]
+    assert most == 42  # a setting, [webhook] max_timeout
+    ok(app.url, "/put", task(timeout=most))
+    assert post(app.url, "/put", task(timeout=most + 0.5))[1]["msg"].startswith(
+        "entries.index.timeout: must be a number from 0.001 to 42")
+    attempts = field(put, "entries", "*", "retry", "attempts")["maximum"]
+    ok(app.url, "/put", task(retry={"attempts": attempts}))
+    assert post(app.url, "/put", task(retry={"attempts": attempts + 1}))[1]["msg"].startswith(
+        "entries.index.retry.attempts:")
+    for name in ("method", "overlap", "misfire"):
+        for choice in field(put, "entries", "*", name)["enum"]:
+            body = None if choice in sa.BODILESS_METHODS else {"a": 1}
+            ok(app.url, "/put", task(**{name: choice}, body=body))
+        assert post(app.url, "/put", task(**{name: "nope"}))[1]["msg"].startswith(
+            f"entries.index.{name}: must be one of")
+    limit = field(search, "limit")["maximum"]
+    ok(app.url, "/search", {"limit": limit})
+    assert post(app.url, "/search", {"limit": limit + 1})[1]["msg"].startswith("limit:")
+    assert set(field(search, "type")["enum"]) == {*sa.LOG_TYPES, ""}
+    count = field(schema("/preview"), "count")["maximum"]
+    assert len(ok(app.url, "/preview", {"cron_time": "* * * * * *", "count": count})) == count
+    assert post(app.url, "/preview", {"cron_time": "@hourly", "count": count + 1})[1][
+        "msg"].startswith("count:")
+    lenient = sqlite_apps.start(data=sqlite_apps.tmp_path / "lenient",
+                                ignore_unknown_fields=True)
+    assert get_json(lenient.url, "/openapi.json")[2]["paths"]["/put"]["post"]["requestBody"][
+        "content"]["application/json"]["schema"]["additionalProperties"] is True
+
+
+def test_openapi_replies_of_every_operation_match_the_document(sqlite_app, receiver):
+    """Each operation's real replies, success and refusal, against the document's schemas
+    (schemathesis below explores; this walks every success reply on purpose)."""
+    import jsonschema
+    app = sqlite_app
+    doc = get_json(app.url, "/openapi.json")[2]
+
+    def call(path, body=None, method="post"):
+        if method == "get":
+            status, _, reply = get_json(app.url, path)
+        else:
+            status, reply = post(app.url, path, body)
+        schema = doc["paths"][path][method]["responses"][str(status)]["content"][
+            "application/json"]["schema"]
+        jsonschema.Draft202012Validator({**schema, "components": doc["components"]},
+                                        format_checker=jsonschema.FormatChecker()
+                                        ).validate(reply)
+        return reply
+    entries = {"ok": {"cron_time": "0 0 0 1 1 *", "url": receiver.url + "/ok",
+                      "headers": {"X-A": "b"}, "body": {"a": [1]}, "timeout": 5,
+                      "retry": {"attempts": 1, "backoff": 0.01, "max_backoff": 0.01},
+                      "overlap": "forbid", "misfire": "once", "misfire_grace": 60},
+               "bad": {"cron_time": "@every 1h", "url": receiver.url + "/status/400",
+                       "method": "GET", "running": False}}
+    assert call("/put", {"identity": "test", "start": True, "entries": entries}) == {
+        "error": 0, "msg": "ok"}
+    for key in entries:
+        call("/trigger", {"identity": "test", "key": key})
+    wait_until(lambda: len(fire_logs(app)) == 2, message="both fires logged")
+    failed = fire_logs(app, kind="error")[0]["scheduled"]
+    assert call("/retry", {"identity": "test", "key": "bad", "scheduled": failed})["data"][
+        "retry_of"]
+    assert call("/get", {"identity": "test"})["data"]["entries"]["bad"]["running"] is False
+    assert len(call("/lists", {"identity": ["test", "other"]})["data"]) == 1
+    assert call("/all")["data"] == ["test"]
+    assert call("/search", {"identity": "test"})["data"]["hits"]["total"]["value"] >= 3
+    assert len(call("/preview", {"cron_time": "0 30 2 * * *", "time_zone": NY,
+                                 "count": 3})["data"]) == 3
+    call("/running", {"identity": "test", "running": False})
+    call("/clear", {"identity": "test"})
+    call("/delete", {"identity": "test"})
+    for path in ("/get", "/running", "/trigger", "/retry"):
+        assert call(path, {"identity": "test", "key": "ok", "running": True,
+                           "scheduled": 1})["error"] == 1
+    assert call("/health", method="get")["data"]["ok"] is True
+    assert call("/openapi.json", method="get") == doc
+
+
+def test_schemathesis_finds_no_server_error_and_no_reply_off_the_document(
+        sqlite_apps, receiver, tmp_path, monkeypatch):
+    """Schemathesis (pinned in requirements-test.txt) sends every operation what the document
+    allows and what it does not, and checks each reply: never a 5xx, and status, content
+    type and body as documented. Whatever it puts fires at the receiver, which stands in as
+    the HTTP(S) proxy of every webhook (urllib's rules, read once when the service starts):
+    no host name is looked up and nothing leaves 127.0.0.1."""
+    variables = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+    with monkeypatch.context() as env:
+        for name in (*variables, *(name.upper() for name in variables)):
+            env.delenv(name, raising=False)
+        env.setenv("http_proxy", receiver.url)
+        env.setenv("https_proxy", receiver.url)
+        app = sqlite_apps.start(token="s3cret")
+    ok_put = {"Authorization": "Bearer s3cret"}
+    assert post(app.url, "/put", task(url="http://127.0.0.1:9/x", cron="@hourly"),
+                headers=ok_put)[1]["error"] == 0
+    assert post(app.url, "/trigger", {"identity": "test", "key": "index"},
+                headers=ok_put)[1]["error"] == 0
+    assert receiver.wait_for(1)[0]["path"] == "http://127.0.0.1:9/x"  # through the "proxy"
+    clean = {name: value for name, value in os.environ.items()  # schemathesis goes direct
+             if name.lower() not in variables}
+    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+              "response_schema_conformance")
+    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{app.url}/openapi.json",
+               "--checks", checks,
+               "--header", "Authorization: Bearer s3cret",
+               # Bounded and reproducible: about 15 s here. A regex selects every path: by
+               # default schemathesis leaves out the document's own.
+               "--max-examples", "30", "--seed", "1", "--workers", "2",
+               "--phases", "examples,coverage,fuzzing", "--include-path-regex", "^/",
+               "--generation-database", "none", "--request-timeout", "30", "--no-color",
+               "--suppress-health-check", "all"]
+    result = subprocess.run(command, cwd=tmp_path, env=clean, capture_output=True, text=True,
+                            timeout=240, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"\b[1-9]\d* (failed|errored)", output), output
+    assert f"Tested: {len(sa.Service.OPERATIONS) + 4}\n" in output, output  # every endpoint
+    # Every webhook it caused came to the receiver as a proxy's request (absolute form).
+    assert all(r["path"].startswith("http://") for r in receiver.received())
+    assert post(app.url, "/all", headers=ok_put)[0] == 200  # and the service still answers
 
 
 # Black box: the service as a process ########################################################
