@@ -68,6 +68,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -155,6 +156,19 @@ MISSED_COUNT_LIMIT = 10  # missed instants counted one by one; past it a log say
 SQLITE_RETENTION_DAYS = 30.0
 MAX_LOG_BACKLOG = 100_000  # log records held in memory when neither store nor disk take them
 TIMER_MAX_WAIT = 30.0  # seconds: the timer re-reads the clock at least this often
+# Replicas on one Elasticsearch cluster (README, "Several replicas"). Tasks are spread over
+# PARTITIONS by identity; a replica fires the partitions it leases. A lease names its owner
+# and a horizon: the owner fires the partition's instants up to the horizon, and a successor
+# only those after it, so no instant is fired by two replicas, whatever their clocks say.
+PARTITIONS = 64
+LEASE_RENEW = 0.5  # seconds between a replica's rounds: renew, release, take, heartbeat
+LEASE_AHEAD = 1.5  # seconds: a renewal lets its owner fire this far past the renewal's start
+LEASE_FENCE = 2.5  # seconds without a renewal: the owner drops the partition (fires nothing)
+LEASE_TAKEOVER = 3.0  # seconds a lease or heartbeat must stand unchanged before it is dead
+HANDOVER = 2.0  # seconds a partition given up to a peer still fires on the one giving it up
+TASK_SYNC = 1.0  # seconds between reads of the tasks changed through other replicas
+TASK_SYNC_OVERLAP = 30.0  # seconds re-read each time: other replicas' clocks and refreshes
+TASK_RESYNC = 60.0  # seconds between full reads of the tasks (a backstop for larger skews)
 # Headers a user may not set on a webhook: the service computes them, and a wrong one corrupts
 # the request (so do X-Schedule-*, the fire's own).
 FORBIDDEN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
@@ -229,6 +243,7 @@ class Config:
     es_ca_certs: str = ""
     es_verify_certs: bool = True
     es_timeout: float = 10.0
+    es_replicas: bool = True
     spool_max_bytes: int = 256 << 20
     flush_interval: float = 0.5
     log_retention_days: float = -1.0  # -1: the store's own default (SQLITE_RETENTION_DAYS)
@@ -275,6 +290,7 @@ CONFIG_KEYS = {
     ("elasticsearch", "ca_certs"): "es_ca_certs",
     ("elasticsearch", "verify_certs"): "es_verify_certs",
     ("elasticsearch", "timeout"): "es_timeout",
+    ("elasticsearch", "replicas"): "es_replicas",
 }
 
 
@@ -1523,7 +1539,7 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from None
 
-    def save_task(self, doc: dict) -> None:
+    def save_task(self, doc: dict, token: str = "") -> None:
         text = json.dumps({k: v for k, v in doc.items() if k not in ("last", "accounted")})
         identity = doc["identity"]
 
@@ -1536,7 +1552,7 @@ class SQLiteStore:
                            [(identity, *mark) for mark in _marks(doc)])
         self._writing(work)
 
-    def delete_task(self, identity: str) -> None:
+    def delete_task(self, identity: str, token: str = "") -> None:
         def work(db):
             db.execute("DELETE FROM tasks WHERE identity = ?", (identity,))
             db.execute("DELETE FROM last_fire WHERE identity = ?", (identity,))
@@ -1673,7 +1689,16 @@ class ElasticsearchStore:
     TASK_MAPPING: ClassVar[dict] = {"dynamic": False, "properties": {
         "identity": {"type": "keyword"},
         "task": {"type": "object", "enabled": False},
-        "last": {"type": "object", "enabled": False}}}
+        "last": {"type": "object", "enabled": False},
+        # Replicas: when a task last changed (ms), the change's token, and tombstones, so
+        # that each replica learns of the changes made through the others (Replicas).
+        "changed": {"type": "long"}, "token": {"type": "keyword"},
+        "deleted": {"type": "boolean"}}}
+    # Leases of the partitions and the replicas' heartbeats (Replicas): a few dozen small
+    # documents, refreshed often, so that a search sees a heartbeat within a round.
+    CLUSTER_MAPPING: ClassVar[dict] = {"dynamic": False, "properties": {
+        "kind": {"type": "keyword"}, "owner": {"type": "keyword"},
+        "replica": {"type": "keyword"}}}
 
     def __init__(self, config: Config):
         import elasticsearch  # only this store needs the client
@@ -1706,6 +1731,7 @@ class ElasticsearchStore:
             raise StoreError(f"elasticsearch settings: {exc}") from None
         self.index = config.es_default_index
         self.tasks_index = f"{self.index}-tasks"
+        self.cluster_index = f"{self.index}-cluster"
         self._hosts = options.get("hosts") or ["cloud"]
         self._fields = {"identity": "identity", "type": "type"}
         self._ready = False
@@ -1731,14 +1757,19 @@ class ElasticsearchStore:
         with self._ready_lock:
             if self._ready:
                 return
-            for index, mapping in ((self.index, self.LOG_MAPPING),
-                                   (self.tasks_index, self.TASK_MAPPING)):
+            for index, mapping, settings in (
+                    (self.index, self.LOG_MAPPING, None),
+                    (self.tasks_index, self.TASK_MAPPING, None),
+                    (self.cluster_index, self.CLUSTER_MAPPING, {"refresh_interval": "100ms"})):
                 if not bool(self._call("indices.exists", index=index)):
                     try:
-                        self._call("indices.create", index=index, mappings=mapping)
+                        self._call("indices.create", index=index, mappings=mapping,
+                                   **({"settings": settings} if settings else {}))
                     except StoreError as exc:
                         if "resource_already_exists" not in str(exc):
                             raise
+            # A tasks index of an earlier version lacks the replicas' fields.
+            self._put_mapping(self.tasks_index, {"properties": self.TASK_MAPPING["properties"]})
             mapping = next(iter(self._call("indices.get_mapping", index=self.index).values()))
             properties = mapping["mappings"].get("properties", {})
             for name in self._fields:
@@ -1751,47 +1782,112 @@ class ElasticsearchStore:
             if missing or str(mapping["mappings"].get("dynamic")).lower() != "false":
                 # An index the Go service made: add the fields it lacks, and stop mapping
                 # new fields of the users' JSON, which could make later logs unindexable.
-                change = {"dynamic": False, "properties": missing}
-                try:
-                    if self._major < 8:
-                        self._call("indices.put_mapping", index=self.index, body=change)
-                    else:
-                        self._call("indices.put_mapping", index=self.index, **change)
-                except StoreError as exc:
-                    log.warning("could not extend the mapping of %s: %s", self.index, exc)
+                self._put_mapping(self.index, {"dynamic": False, "properties": missing})
             self._ready = True
 
-    def save_task(self, doc: dict) -> None:
+    def _put_mapping(self, index: str, change: dict) -> None:
+        try:
+            if self._major < 8:
+                self._call("indices.put_mapping", index=index, body=change)
+            else:
+                self._call("indices.put_mapping", index=index, **change)
+        except StoreError as exc:
+            log.warning("could not extend the mapping of %s: %s", index, exc)
+
+    def save_task(self, doc: dict, token: str = "") -> tuple[int, int]:
+        """Store a task; return its document's version (primary term, sequence number),
+        which grows with every change of it (Replicas)."""
         self._ensure()
         task = {k: v for k, v in doc.items() if k not in ("last", "accounted")}
         last: dict[str, dict[str, float]] = {}
         for key, since, at in _marks(doc):
             last.setdefault(key, {})[since] = at
-        self._call("index", index=self.tasks_index, id=doc["identity"],
-                   document={"identity": doc["identity"], "task": task, "last": last})
+        return self._version(self._call(
+            "index", index=self.tasks_index, id=doc["identity"],
+            document={"identity": doc["identity"], "task": task, "last": last,
+                      "changed": int(time.time() * 1000), "token": token}))
 
-    def delete_task(self, identity: str) -> None:
+    def delete_task(self, identity: str, token: str = "") -> tuple[int, int]:
+        """Delete a task, leaving a tombstone so that other replicas learn of it (and a log
+        on its way cannot bring it back); return the tombstone's version."""
         self._ensure()
-        try:
-            self._call("delete", index=self.tasks_index, id=identity)
-        except StoreError as exc:
-            if "404" not in str(exc) and "not_found" not in str(exc).lower():
-                raise
+        return self._version(self._call(
+            "index", index=self.tasks_index, id=identity,
+            document={"identity": identity, "deleted": True,
+                      "changed": int(time.time() * 1000), "token": token}))
+
+    @staticmethod
+    def _version(reply: dict) -> tuple[int, int]:
+        return reply["_primary_term"], reply["_seq_no"]
 
     def load_tasks(self) -> Iterator[dict]:
+        for _, _, _, doc in self.task_changes():
+            if doc is not None:
+                yield doc
+
+    def task_changes(self, since: float | None = None
+                     ) -> Iterator[tuple[str, tuple[int, int], str, dict | None]]:
+        """Yield (identity, version, token, task document or None for a deleted one) of every
+        task, or of those changed since the UNIX time ``since`` (as the writers' clocks say)."""
         self._ensure()
         self._call("indices.refresh", index=self.tasks_index)
+        query = ({"match_all": {}} if since is None else
+                 {"range": {"changed": {"gte": int(since * 1000)}}})
         after = None
         while True:
             extra = {"search_after": after} if after else {}
             page = self._call("search", index=self.tasks_index, size=1000,
-                              sort=[{"identity": "asc"}], query={"match_all": {}}, **extra)
+                              sort=[{"identity": "asc"}], query=query,
+                              seq_no_primary_term=True, **extra)
             hits = page["hits"]["hits"]
             for hit in hits:
-                yield _read_marks(hit["_source"]["task"], hit["_source"].get("last") or {})
+                source = hit["_source"]
+                doc = None if source.get("deleted") else \
+                    _read_marks(source["task"], source.get("last") or {})
+                yield (source["identity"], (hit["_primary_term"], hit["_seq_no"]),
+                       source.get("token", ""), doc)
             if len(hits) < 1000:
                 return
             after = hits[-1]["sort"]
+
+    def leases(self) -> tuple[dict[int, dict], dict[str, dict]]:
+        """Return the partitions' leases as they are now ({partition: document with its
+        version}, a real-time read) and the replicas' heartbeats ({replica: document with
+        its version}, as last refreshed)."""
+        self._ensure()
+        ids = [f"lease-{part}" for part in range(PARTITIONS)]
+        leases = {}
+        request = {"body": {"ids": ids}} if self._major < 8 else {"ids": ids}
+        for doc in self._call("mget", index=self.cluster_index, **request)["docs"]:
+            if doc.get("found"):
+                leases[int(doc["_id"][6:])] = {**doc["_source"], "_version": (
+                    doc["_primary_term"], doc["_seq_no"])}
+        page = self._call("search", index=self.cluster_index, size=1000,
+                          query={"term": {"kind": "replica"}}, seq_no_primary_term=True)
+        replicas = {hit["_source"]["replica"]: {**hit["_source"], "_version": (
+            hit["_primary_term"], hit["_seq_no"])} for hit in page["hits"]["hits"]}
+        return leases, replicas
+
+    def write_leases(self, writes: list[tuple[str, dict | None, tuple[int, int] | None]]
+                     ) -> list[bool]:
+        """Write lease and heartbeat documents in one request: each (id, document, version)
+        replaces the document only if it is still at that version (compare-and-set), or
+        creates it only if absent when the version is None, or writes it whatever its
+        version when that is (); a None document deletes.
+        Return, for each, its new version, or None where it was not written. Raises
+        StoreError if the cluster did not answer."""
+        lines: list[dict] = []
+        for doc_id, doc, version in writes:
+            action: dict[str, Any] = {"_index": self.cluster_index, "_id": doc_id}
+            if version:
+                action.update(if_primary_term=version[0], if_seq_no=version[1])
+            if doc is None:
+                lines.append({"delete": action})
+            else:
+                lines += [{"create" if version is None else "index": action}, doc]
+        results = (next(iter(item.values())) for item in self._call("bulk", body=lines)["items"])
+        return [(result["_primary_term"], result["_seq_no"])
+                if result.get("status", 500) < 300 else None for result in results]
 
     def append_logs(self, records: list[dict]) -> None:
         self._ensure()
@@ -1800,7 +1896,8 @@ class ElasticsearchStore:
             lines.append({"index": {"_index": self.index, "_id": record["_id"]}})
             lines.append({**_public_log(record), "@timestamp": int(record["_ts"] * 1000)})
         for (identity, key, since), at in _fire_times(records).items():
-            lines.append({"update": {"_index": self.tasks_index, "_id": identity}})
+            lines.append({"update": {"_index": self.tasks_index, "_id": identity,
+                                     "retry_on_conflict": 3}})
             lines.append({"doc": {"last": {key: {since: at}}}})
         reply = self._call("bulk", body=lines)
         self._dirty.set()
@@ -2872,6 +2969,24 @@ class Clock:
         event.wait(timeout)
 
 
+def partition(identity: str) -> int:
+    """Return the partition of a task: replicas fire the partitions they lease."""
+    return zlib.crc32(identity.encode("utf-8")) % PARTITIONS
+
+
+class _Lease:
+    """A partition this replica fires: the instants after ``after`` (its previous owner's
+    horizon) and up to ``horizon`` (this replica's latest renewal); once given up, none after
+    ``until``. Due instants past the horizon wait in ``held`` for the next renewal."""
+
+    __slots__ = ("after", "held", "horizon", "until")
+
+    def __init__(self, after: float, horizon: float):
+        self.after, self.horizon = after, horizon
+        self.until: float | None = None
+        self.held: list[tuple[float, _Slot]] = []
+
+
 class _Slot:
     """The scheduler's state of one entry version: its schedule, its webhook (built when the
     entry is put, or at its first fire for the tasks loaded at start), its next and last
@@ -2879,12 +2994,13 @@ class _Slot:
     replaced or deleted, which stops the retries of its earlier fires."""
 
     __slots__ = ("accounted", "entry", "gen", "identity", "inflight", "key", "last", "next",
-                 "policy", "running", "schedule", "webhook", "zone")
+                 "part", "policy", "running", "schedule", "webhook", "zone")
 
     def __init__(self, identity: str, key: str, entry: Entry, zone: ZoneInfo, schedule,
                  policy: dict, last: float | None):
         self.identity, self.key, self.entry, self.zone = identity, key, entry, zone
         self.schedule, self.policy = schedule, policy
+        self.part = partition(identity)
         self.webhook: Webhook | None = None
         self.next: float | None = None
         self.last: float | None = last
@@ -2906,13 +3022,17 @@ class Scheduler:
     host suspended past LATE_REPLAY_LIMIT) are found when the entry runs again: a "missed"
     log says which, and an entry with misfire "once" fires the latest of them, late, if it
     is at most misfire_grace old ("skip", the default, only logs them).
+
+    With ``replicated``, it fires only the partitions it was given (``own``), each within
+    its lease's bounds (see _Lease); the tasks of the others are kept, for the API, unarmed.
     """
 
     def __init__(self, webhooks: Webhooks, sink: Callable[[dict], None],
                  clock: Clock | None = None, retry_attempts: int = 0,
                  schedules: Schedules | None = None, misfire_grace: float = 3600.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, replicated: bool = False):
         self._metrics = metrics or Metrics()
+        self._leases: dict[int, _Lease] | None = {} if replicated else None
         self._webhooks = webhooks
         self._sink = sink
         self._clock = clock or Clock()
@@ -2971,16 +3091,20 @@ class Scheduler:
         slot.running = True
         heapq.heappush(self._heap, (slot.next, next(self._seq), slot))
 
-    def _resume(self, slot: _Slot, now: float, why: str) -> None:
+    def _owns(self, slot: _Slot) -> bool:
+        return self._leases is None or slot.part in self._leases
+
+    def _resume(self, slot: _Slot, now: float, why: str, after: float = 0.0) -> None:
         """Arm a slot that did not run (loaded at start, resumed, put running again) after
         accounting for its instants that never fired: those after its last fire, its put
         and what was already logged missed, up to now (_log_missed). Its first instant
         after that is computed first: when it is after now, it is the next fire, and equal
         entries resumed together share that answer (CronSchedule's memo), so 100,000 tasks
         load without one computation each. A put time of 0 means unknown (a hand-made
-        task document without anchors): nothing is counted then."""
+        task document without anchors): nothing is counted then. Instants up to ``after``
+        were another replica's (its lease's horizon)."""
         since = max(slot.last or 0.0, slot.accounted) if slot.entry.anchor else 0.0
-        since = max(since, slot.entry.anchor)
+        since = max(since, slot.entry.anchor, after)
         try:
             first = slot.schedule.next_after(since) if since else None
         except ScheduleError:
@@ -2989,7 +3113,8 @@ class Scheduler:
             self._log_missed(slot, since, now, why)
         self._arm(slot, now, first if first is not None and first > now else None)
 
-    def _log_missed(self, slot: _Slot, since: float, now: float, why: str) -> None:
+    def _log_missed(self, slot: _Slot, since: float, now: float, why: str,
+                    may_fire: bool = True) -> None:
         """Log the slot's instants in (since, now] as missed (caller holds the lock), and
         with misfire "once" queue the latest to fire now if it is at most misfire_grace
         old. Equal entries missing the same span share one computation."""
@@ -3009,12 +3134,12 @@ class Scheduler:
         self._metrics.count("schedule_fires_missed_total", count)
         entry = slot.entry
         grace = self._misfire_grace if entry.misfire_grace is None else entry.misfire_grace
-        late = entry.misfire == "once" and now - last <= grace
+        late = may_fire and entry.misfire == "once" and now - last <= grace
         zone = slot.zone
         what = (f"missed {count}{' or more' if more else ''} fire{'s' if count > 1 else ''} "
                 f"from {rfc3339(first, zone)}"
                 f" to {rfc3339(last, zone)} ({why}); misfire: {entry.misfire}")
-        if entry.misfire == "once":
+        if entry.misfire == "once" and may_fire:
             what += (": the last one fires now, late" if late else
                      f": the last one is over {grace:g} s old, not fired")
         log.info("%s/%s %s", slot.identity, slot.key, what)
@@ -3052,7 +3177,7 @@ class Scheduler:
             for key, slot in slots.items():
                 before = old.get(key)
                 same = before is not None and carries_over(old_task, task, key)
-                runs = task.start and slot.entry.running
+                runs = task.start and slot.entry.running and self._owns(slot)
                 if same and before.entry == slot.entry and before.running == runs:
                     slots[key] = old.pop(key)
                     continue
@@ -3062,7 +3187,8 @@ class Scheduler:
                     if same and before.running:
                         self._arm(slot, now, before.next)
                         continue
-                    self._resume(slot, now, "the service was down, or the entry paused")
+                    self._resume(slot, now, "the service was down, or the entry paused",
+                                 self._after(slot))
             for slot in old.values():
                 self._disarm(slot)
             self._tasks[task.identity] = task
@@ -3081,9 +3207,9 @@ class Scheduler:
             now = self._clock.now()
             for key, slot in slots.items():
                 slot.entry = task.entries[key]
-                if task.start and slot.entry.running:
+                if task.start and slot.entry.running and self._owns(slot):
                     if not slot.running:
-                        self._resume(slot, now, "the entry was paused")
+                        self._resume(slot, now, "the entry was paused", self._after(slot))
                 elif slot.running or slot.inflight:
                     self._disarm(slot)
             self._compact()
@@ -3116,10 +3242,83 @@ class Scheduler:
             return sorted(self._tasks)
 
     def dates(self, identity: str) -> dict[str, tuple[float | None, float | None]]:
-        """Return {key: (next fire, last fire)} of a task's entries (None where there is none)."""
+        """Return {key: (next fire, last fire)} of a task's entries (None where there is none).
+        An entry another replica fires shows its next instant as that replica computes it."""
         with self._lock:
-            return {key: (slot.next if slot.running else None, slot.last)
-                    for key, slot in self._slots.get(identity, {}).items()}
+            task, now = self._tasks.get(identity), self._clock.now()
+            dates = {}
+            for key, slot in self._slots.get(identity, {}).items():
+                next_at = slot.next if slot.running else None
+                if next_at is None and not self._owns(slot) and task.start and \
+                        slot.entry.running:
+                    with contextlib.suppress(ScheduleError):
+                        next_at = slot.schedule.next_after(now)
+                dates[key] = (next_at, slot.last)
+            return dates
+
+    # -- the partitions, given and taken by Replicas --
+
+    def _after(self, slot: _Slot) -> float:
+        return 0.0 if self._leases is None else self._leases[slot.part].after
+
+    def own(self, parts: dict[int, tuple[float, float]], why: str) -> None:
+        """Start firing partitions, {partition: (after, horizon)}: their entries' instants
+        after ``after`` (what was missed since is logged, as after a restart: ``why`` says
+        why), and up to ``horizon`` until extended."""
+        with self._lock:
+            now = self._clock.now()
+            for part, (after, horizon) in parts.items():
+                self._leases[part] = _Lease(after, horizon)
+            for identity, slots in self._slots.items():
+                task = self._tasks[identity]
+                for slot in slots.values():
+                    if slot.part in parts and task.start and slot.entry.running and \
+                            not slot.running:
+                        self._resume(slot, now, why, parts[slot.part][0])
+            self._wake.set()
+
+    def extend(self, parts: dict[int, float]) -> None:
+        """Move partitions' horizons to later instants; fire what waited for that."""
+        with self._lock:
+            for part, horizon in parts.items():
+                lease = self._leases.get(part)
+                if lease is None:
+                    continue
+                lease.horizon = max(lease.horizon, horizon)
+                held, lease.held = lease.held, []
+                for at, slot in held:
+                    heapq.heappush(self._heap, (at, next(self._seq), slot))
+            self._wake.set()
+
+    def release(self, parts: dict[int, float]) -> None:
+        """Fire nothing after ``until`` in partitions given up, {partition: until}."""
+        with self._lock:
+            for part, until in parts.items():
+                if part in self._leases:
+                    self._leases[part].until = until
+            self._wake.set()
+
+    def drop(self, parts: Iterable[int], why: str) -> None:
+        """Stop firing partitions now (their fires in flight and retries go on). Instants
+        that waited for a renewal that never came are logged missed, with ``why``."""
+        with self._lock:
+            dropped = {part: self._leases.pop(part) for part in parts if part in self._leases}
+            for lease in dropped.values():
+                for at, slot in lease.held:
+                    if slot.running and slot.next == at:
+                        self._log_missed(slot, at - 0.5, at, why, may_fire=False)
+            for slots in self._slots.values():
+                for slot in slots.values():
+                    if slot.part in dropped and slot.running:
+                        slot.running, slot.next = False, None
+                        self._stale += 1
+            self._compact()
+
+    def leases(self) -> dict[int, dict]:
+        """Return the partitions fired here: {partition: {after, horizon, until}}."""
+        with self._lock:
+            return {part: {"after": lease.after, "horizon": lease.horizon,
+                           "until": lease.until} for part, lease in (self._leases or {}).items()}
 
     def take_failed(self) -> collections.Counter[str]:
         """Return the failed fires by task since the last call, and start again."""
@@ -3212,6 +3411,14 @@ class Scheduler:
             if not slot.running or slot.next != at:
                 self._stale -= 1
                 continue
+            if self._leases is not None:
+                lease = self._leases.get(slot.part)
+                if lease is None or (lease.until is not None and at > lease.until):
+                    slot.running, slot.next = False, None  # given up: its successor fires it
+                    continue
+                if at > lease.horizon:  # fired only once a renewal says it is still ours
+                    lease.held.append((at, slot))
+                    continue
             try:
                 if at < now - LATE_REPLAY_LIMIT:  # the host slept, or the clock jumped
                     self._log_missed(slot, at - 0.5, now, f"{now - at:.0f} s behind: the "
@@ -3357,6 +3564,200 @@ class Scheduler:
                          handed=False)
 
 
+# Replicas ###################################################################################
+
+class Replicas:
+    """Share the firing of the tasks with the other processes on the same Elasticsearch
+    cluster (README, "Several replicas"): each replica leases a fair share of the
+    PARTITIONS and fires only those.
+
+    A lease is a document changed only by compare-and-set: its owner, and its horizon, the
+    instant up to which the owner may fire. Every LEASE_RENEW the owner moves the horizon to
+    LEASE_AHEAD past the round's start; a successor fires only the instants after the
+    horizon it took over. So an instant is fired by one replica at most, whatever the
+    replicas' clocks say, and a replica cut off from the cluster stops by itself at its
+    horizon (its fences), before a peer may take the lease: a lease is dead once it has stood
+    unchanged for LEASE_TAKEOVER, as each replica times it on its own monotonic clock. A
+    replica giving a partition up (a peer joined, or it stops) sets the horizon HANDOVER
+    ahead and fires until then, so a handover neither doubles nor misses a fire.
+
+    A heartbeat document per replica tells who is alive; the partitions go evenly to the
+    living, in the order of their ids.
+    """
+
+    def __init__(self, store, scheduler: Scheduler, clock: Clock, replica_id: str = ""):
+        self.id = replica_id or uuid.uuid4().hex[:12]
+        self._store, self._scheduler, self._clock = store, scheduler, clock
+        self._lock = threading.Lock()  # guards what health() reads
+        self._held: dict[int, tuple[int, int]] = {}  # partition -> our lease's version
+        self._renewed: dict[int, float] = {}  # partition -> monotonic start of its last renewal
+        self._releasing: dict[int, float] = {}  # partition -> the instant we fire it until
+        self._seen: dict[str, tuple[tuple[int, int], float]] = {}  # doc -> version, since
+        self._peers: list[str] = [self.id]
+        self._failing = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Take this replica's share (one round, so that a lone replica fires at once when
+        its store answers), then keep it in a thread. Raises StoreError."""
+        self._round()
+        self._thread = threading.Thread(target=self._run, name="replicas", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_RENEW):
+            try:
+                self._round()
+                if self._failing:
+                    log.warning("replicas: the cluster answers again")
+                self._failing = False
+            except StoreError as exc:
+                if not self._failing:
+                    log.warning("replicas: cannot renew the leases: %s", exc)
+                self._failing = True
+            except Exception:
+                log.exception("replicas: round failed")
+            self._fence()
+
+    def _fresh(self, doc_id: str, version: tuple[int, int], started: float) -> bool:
+        """Return True while a document's version has changed within LEASE_TAKEOVER."""
+        seen = self._seen.get(doc_id)
+        if seen is None or seen[0] != version:
+            self._seen[doc_id] = (version, started)
+            return True
+        return started - seen[1] < LEASE_TAKEOVER
+
+    def _round(self) -> None:
+        started, now = time.monotonic(), self._clock.now()
+        leases, beats = self._store.leases()
+        peers = sorted({self.id} | {replica for replica, doc in beats.items()
+                                    if self._fresh(f"replica-{replica}", doc["_version"],
+                                                   started)})
+        share = PARTITIONS // len(peers) + (peers.index(self.id) < PARTITIONS % len(peers))
+        horizon = now + LEASE_AHEAD
+        writes: list[tuple[str, dict | None, Any]] = []
+        plans: list[tuple[str, int, float]] = []  # what each write means: (verb, part, after)
+
+        def lease(owner: str, until: float) -> dict:
+            return {"kind": "lease", "owner": owner, "horizon": until, "by": self.id}
+        mine = sorted(self._held)
+        for part in mine[share:]:  # a peer joined: give the surplus up
+            writes.append((f"lease-{part}", lease("", now + HANDOVER), self._held[part]))
+            plans.append(("release", part, now + HANDOVER))
+        for part in mine[:share]:
+            writes.append((f"lease-{part}", lease(self.id, horizon), self._held[part]))
+            plans.append(("renew", part, 0.0))
+        free = []
+        for part in range(PARTITIONS):
+            doc = leases.get(part)
+            if part in self._held or part in self._releasing:
+                continue
+            if doc is None:
+                free.append((2, part, None, 0.0))
+            elif doc["owner"] in ("", self.id):  # given up, or ours before a failure
+                free.append((0, part, doc["_version"], doc["horizon"]))
+            elif not self._fresh(f"lease-{part}", doc["_version"], started):
+                free.append((1, part, doc["_version"], doc["horizon"]))
+        for _, part, version, after in sorted(free)[:max(0, share - len(mine))]:
+            writes.append((f"lease-{part}", lease(self.id, horizon), version))
+            plans.append(("take", part, after))
+        writes.append((f"replica-{self.id}", {"kind": "replica", "replica": self.id,
+                                              "at": now, "held": len(mine)}, ()))
+        results = self._store.write_leases(writes)
+        taken: dict[int, tuple[float, float]] = {}
+        renewed: dict[int, float] = {}
+        released: dict[int, float] = {}
+        lost = []
+        with self._lock:
+            self._peers = peers
+            for (verb, part, value), version in zip(plans, results, strict=False):
+                if version is None:
+                    if verb != "take":
+                        lost.append(part)
+                        self._held.pop(part, None)
+                    continue
+                if verb == "release":
+                    self._held.pop(part)
+                    self._releasing[part] = released[part] = value
+                    continue
+                self._held[part], self._renewed[part] = version, started
+                if verb == "take":
+                    taken[part] = (value, horizon)
+                else:
+                    renewed[part] = horizon
+        if lost:
+            log.warning("replicas: lost partitions %s to another replica", lost)
+            self._scheduler.drop(lost, "this replica lost the lease of its partition")
+        if released:
+            log.info("replicas: handing partitions %s over (%d replicas)", sorted(released),
+                     len(peers))
+            self._scheduler.release(released)
+            renewed.update(released)  # the release was written: it fires until then
+        if taken:
+            log.info("replicas: took partitions %s (%d replicas)", sorted(taken), len(peers))
+            self._scheduler.own(taken, "its partition had no owner")
+        self._scheduler.extend(renewed)
+        done = [part for part, until in self._releasing.items() if until < self._clock.now()]
+        if done:
+            self._scheduler.drop(done, "handed over")
+            with self._lock:
+                for part in done:
+                    del self._releasing[part]
+
+    def _fence(self) -> None:
+        """Drop the partitions whose lease this replica could not renew for LEASE_FENCE
+        (the scheduler already fires nothing past their horizon)."""
+        stale = [part for part in self._held
+                 if time.monotonic() - self._renewed[part] > LEASE_FENCE]
+        if stale:
+            log.warning("replicas: no renewal for %g s: stopped firing partitions %s",
+                        LEASE_FENCE, stale)
+            with self._lock:
+                for part in stale:
+                    del self._held[part]
+            self._scheduler.drop(stale, "this replica could not renew its lease in time")
+
+    def stop(self) -> None:
+        """Hand every partition over (firing on until HANDOVER when peers are alive to take
+        them), then leave. Errors are logged: the leases then simply run out."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        # Alone, it stops at once: an instant is fired at or after its time, so none after
+        # now was fired, and the next replica to start fires from here.
+        now = self._clock.now()
+        until = now + (HANDOVER if len(self._peers) > 1 else 0.0)
+        held = dict(self._held)
+        self._scheduler.release(dict.fromkeys(held, until))
+        try:
+            results = self._store.write_leases(
+                [(f"lease-{part}", {"kind": "lease", "owner": "", "horizon": until,
+                                    "by": self.id}, version) for part, version in held.items()]
+                + [(f"replica-{self.id}", None, ())])
+            self._scheduler.extend({part: until for part, version in zip(held, results,
+                                                                         strict=False)
+                                    if version is not None})
+        except StoreError as exc:
+            log.warning("replicas: could not hand the partitions over: %s", exc)
+        while self._clock.now() < until:
+            time.sleep(min(0.1, max(0.0, until - self._clock.now())))
+        self._scheduler.drop(list(held) + list(self._releasing), "handed over")
+        with self._lock:
+            self._held.clear()
+            self._releasing.clear()
+
+    def health(self) -> dict:
+        """Return this replica's id, the partitions it fires, the age of its oldest lease
+        renewal (seconds) and the replicas it sees alive."""
+        with self._lock:
+            oldest = min((self._renewed[part] for part in self._held), default=None)
+            return {"replica": self.id, "partitions": sorted(self._held),
+                    "lease_age": None if oldest is None else
+                    round(time.monotonic() - oldest, 3),
+                    "replicas": list(self._peers)}
+
+
 # Service ####################################################################################
 
 class Service:
@@ -3379,12 +3780,21 @@ class Service:
         self._clock = clock or Clock()
         self._schedules = Schedules()
         self._webhooks = Webhooks(config, self.metrics)
+        replicated = store.kind == "elasticsearch" and config.es_replicas
         self._scheduler = Scheduler(self._webhooks, writer.write, self._clock,
                                     config.retry_attempts, self._schedules,
-                                    config.misfire_grace, self.metrics)
+                                    config.misfire_grace, self.metrics, replicated)
         self._lock = threading.Lock()  # serialises changes, so store and scheduler agree
         self._strict = not config.ignore_unknown_fields
         self.ready = threading.Event()  # set once the stored tasks are loaded
+        # Replicas: the partitions' leases, and the task changes made through other replicas,
+        # read every TASK_SYNC: the version and token of each task as last applied here.
+        self.replicas = (Replicas(store, self._scheduler, self._clock,
+                                  f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+                         if replicated else None)
+        self._applied: dict[str, tuple[tuple[int, int], str]] = {}
+        self._syncing = threading.Event()  # set: stop reading other replicas' changes
+        self._sync_thread: threading.Thread | None = None
 
     def start(self) -> int:
         """Load every stored task with its running state, start firing; return the count.
@@ -3392,19 +3802,72 @@ class Service:
         Until it returns, ``ready`` is unset and the API answers only /health. Raises
         StoreError when the store cannot be read; calling it again then is safe.
         """
-        count = 0
-        for doc in self._store.load_tasks():
-            try:
-                self._scheduler.put(Task.from_document(doc), doc.get("last"), prepare=False,
-                                    accounted=doc.get("accounted"))
-                count += 1
-            except (ScheduleError, KeyError, TypeError, ValueError) as exc:
-                log.error("stored task %r cannot be scheduled: %s", doc.get("identity"), exc)
+        if self.replicas is None:
+            count = sum(self._apply(doc["identity"], None, "", doc)
+                        for doc in self._store.load_tasks())
+        else:
+            count = sum(self._apply(*change) for change in self._store.task_changes()
+                        if change[3] is not None)
         self._scheduler.start()
+        if self.replicas is not None:
+            self.replicas.start()
+            self._sync_thread = threading.Thread(target=self._sync, name="sync", daemon=True)
+            self._sync_thread.start()
         self.ready.set()
         return count
 
+    def _apply(self, identity: str, version: tuple[int, int] | None, token: str,
+               doc: dict | None) -> bool:
+        """Apply a stored task (None: deleted) unless this replica has it already, or a
+        later version of it; return True if it was applied."""
+        with self._lock:
+            known = self._applied.get(identity)
+            if known is not None and (known[1] == token or version <= known[0]):
+                return False
+            if version is not None:
+                self._applied[identity] = (version, token)
+            if doc is None:
+                self._scheduler.delete(identity)
+                return True
+            try:
+                self._scheduler.put(Task.from_document(doc), doc.get("last"), prepare=False,
+                                    accounted=doc.get("accounted"))
+            except (ScheduleError, KeyError, TypeError, ValueError) as exc:
+                log.error("stored task %r cannot be scheduled: %s", identity, exc)
+                return False
+            return True
+
+    def _sync(self) -> None:
+        """Apply the tasks put, paused, resumed or deleted through other replicas: those
+        changed lately every TASK_SYNC, all of them every TASK_RESYNC."""
+        since, full, failing = self._clock.now(), time.monotonic(), False
+        while not self._syncing.wait(TASK_SYNC):
+            started = self._clock.now()
+            whole = time.monotonic() - full > TASK_RESYNC
+            try:
+                for change in self._store.task_changes(
+                        None if whole else since - TASK_SYNC_OVERLAP):
+                    self._apply(*change)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("cannot read the tasks changed by other replicas: %s", exc)
+                failing = True
+                continue
+            failing, since = False, started
+            if whole:
+                full = time.monotonic()
+
+    def _saved(self, identity: str, version: tuple[int, int] | None, token: str) -> None:
+        # What this replica wrote is applied already: its own sync must not apply it again.
+        if version is not None:
+            self._applied[identity] = (version, token)
+
     def stop(self, timeout: float = 10.0) -> None:
+        self._syncing.set()
+        if self._sync_thread:
+            self._sync_thread.join()
+        if self.replicas is not None:
+            self.replicas.stop()
         self._scheduler.stop(timeout)
 
     def _require(self, identity: str) -> Task:
@@ -3437,7 +3900,9 @@ class Service:
                 task.entries[key].anchor = old.entries[key].anchor
             last = {key: last[key] for key in kept if key in last}
             accounted = {key: accounted[key] for key in kept if key in accounted}
-            self._store.save_task(task.document(last, accounted))
+            token = uuid.uuid4().hex
+            self._saved(task.identity,
+                        self._store.save_task(task.document(last, accounted), token), token)
             self._scheduler.put(task, last, accounted=accounted)
         self._writer.write_now(make_log("put", task.identity, body=task.public()))
 
@@ -3479,7 +3944,9 @@ class Service:
                 entry = self._entry(task, key, "/running")
                 task = dataclasses.replace(task, entries={
                     **task.entries, key: dataclasses.replace(entry, running=running)})
-            self._store.save_task(task.document(*self._scheduler.marks(identity)))
+            token = uuid.uuid4().hex
+            self._saved(identity, self._store.save_task(
+                task.document(*self._scheduler.marks(identity)), token), token)
             self._scheduler.set_running(task)
         body = {"identity": identity, **({} if key is None else {"key": key}),
                 "running": running}
@@ -3509,7 +3976,8 @@ class Service:
         identity = _take(self._fields(request, "/delete"), "/delete", "identity")
         with self._lock:
             self._require(identity)
-            self._store.delete_task(identity)
+            token = uuid.uuid4().hex
+            self._saved(identity, self._store.delete_task(identity, token), token)
             self._scheduler.delete(identity)
         self._writer.write_now(make_log("delete", identity, body={"identity": identity}))
 
@@ -3651,7 +4119,8 @@ class Service:
                 "log_backlog": self._writer.backlog(),
                 "log_spool_files": len(self._writer.spooled_files()),
                 "log_spool_bytes": self._writer.spooled_bytes(),
-                "log_dropped": self._writer.dropped, **self._store.health()}
+                "log_dropped": self._writer.dropped, **self._store.health(),
+                **(self.replicas.health() if self.replicas else {})}
 
 
 # HTTP #######################################################################################

@@ -12,12 +12,14 @@ the scheduler on a fake clock; tests that must wait poll with a deadline.
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import hashlib
 import http.client
 import http.server
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -236,7 +238,7 @@ class Apps:
             self.stop(app)
         if self.indices:
             es_client().indices.delete(index=",".join(
-                f"{i},{i}-tasks" for i in self.indices), ignore_unavailable=True)
+                f"{i},{i}-tasks,{i}-cluster" for i in self.indices), ignore_unavailable=True)
 
 
 @pytest.fixture
@@ -878,8 +880,8 @@ def test_es_clear_on_an_index_made_by_the_go_service_is_exact(es_apps):  # _dele
 
 
 def test_es_outage_keeps_firing_spools_logs_and_ships_each_once(es_apps, receiver):
-    proxy = TcpProxy(ES_URL)
-    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
+    proxy = TcpProxy(ES_URL)  # one process: [elasticsearch] replicas = false fires on
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2, es_replicas=False)
     body = task(url=receiver.url + "/o", cron="* * * * * *")
     body["entries"]["second"] = {"cron_time": "* * * * * *", "url": receiver.url + "/o"}
     ok(app.url, "/put", body)
@@ -906,8 +908,8 @@ def test_es_outage_keeps_firing_spools_logs_and_ships_each_once(es_apps, receive
 
 
 def test_es_restart_of_the_service_while_logs_are_spooled(es_apps, receiver, tmp_path):
-    proxy = TcpProxy(ES_URL)
-    app = es_apps.start(es_hosts=proxy.url, es_timeout=2)
+    proxy = TcpProxy(ES_URL)  # one process: [elasticsearch] replicas = false fires on
+    app = es_apps.start(es_hosts=proxy.url, es_timeout=2, es_replicas=False)
     index = app.config.es_default_index
     ok(app.url, "/put", task(url=receiver.url + "/r", cron="* * * * * *"))
     receiver.wait_for(1, "/r")
@@ -1714,6 +1716,7 @@ def test_running_with_a_key_pauses_and_resumes_one_entry(apps, receiver):
     index = app.config.es_default_index
     apps.stop(app)
     app, clock = fake_app(apps, index=index)
+    clock.advance(11)  # where the first service's clock stood (a replica fires after it)
     got = ok(app.url, "/get", {"identity": "test"})
     assert got["entries"]["index"]["running"] is False and got["start"] is True
     ok(app.url, "/put", got)  # /get's reply put back keeps the entry paused
@@ -2813,7 +2816,8 @@ def process(store_kind, tmp_path):
         if p.proc.poll() is None:
             p.kill()
     if store_kind == "elasticsearch":
-        es_client().indices.delete(index=f"{index},{index}-tasks", ignore_unavailable=True)
+        es_client().indices.delete(index=f"{index},{index}-tasks,{index}-cluster",
+                                    ignore_unavailable=True)
 
 
 def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
@@ -3073,3 +3077,180 @@ def test_docker_image_runs_as_readme_shows_and_keeps_tasks_across_a_restart(rece
         raise
     finally:
         docker("rm", "-f", name, check=False)
+
+
+# Replicas: processes on one Elasticsearch node ##############################################
+# Real processes, a real node, a real receiver counting deliveries by X-Schedule-Fire-Id.
+# They take about a minute together: `-k "not replicas"` leaves them out of a quick run.
+
+TASKS = 16  # tasks of one every-second entry each, spread over the partitions
+
+
+class ReplicaSet:
+    """schedule_api.py processes sharing one index; each may reach the node through a
+    TcpProxy that a test cuts."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path, self.index = tmp_path, f"test-{uuid.uuid4().hex[:12]}"
+        self.started: list[Process] = []
+
+    def start(self, name, es=None):
+        text = (f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\n"
+                f"path = {self.tmp_path / name}\nflush_interval = 0.1\n"
+                f"[elasticsearch]\nhosts = {es or ES_URL}\ndefault_index = {self.index}\n")
+        process = Process(self.tmp_path, text, name)
+        self.started.append(process)
+        return process.start()
+
+    def close(self):
+        for process in self.started:
+            if process.proc.poll() is None:
+                process.kill()
+        es_client().indices.delete(index=f"{self.index},{self.index}-tasks,"
+                                         f"{self.index}-cluster", ignore_unavailable=True)
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    if not ES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set")
+        pytest.skip("SCHEDULE_TEST_ES not set")
+    r = ReplicaSet(tmp_path)
+    yield r
+    r.close()
+
+
+def partitions(url):
+    status, reply = post(url, "/health", method="GET")
+    return set(reply["data"]["partitions"])
+
+
+def shared(*urls):
+    """Wait until the processes hold every partition between them, each its fair share."""
+    def even():
+        held = [partitions(url) for url in urls]
+        fair = sa.PARTITIONS // len(urls)
+        return (sum(map(len, held)) == sa.PARTITIONS and
+                len(set().union(*held)) == sa.PARTITIONS and
+                all(len(h) in (fair, fair + 1) for h in held)) and held
+    return wait_until(even, timeout=15, interval=0.2, message="the partitions shared")
+
+
+def put_tasks(url, receiver):
+    for i in range(TASKS):
+        ok(url, "/put", task(f"r{i}", url=receiver.url + "/rep", cron="* * * * * *"))
+
+
+def deliveries(receiver):
+    """Return {(identity, instant): count} of what arrived."""
+    return collections.Counter(
+        (r["headers"]["X-Schedule-Identity"],
+         datetime.fromisoformat(r["headers"]["X-Schedule-Time"]).timestamp())
+        for r in receiver.received("/rep"))
+
+
+def assert_none_doubled(receiver):
+    doubled = {fire: n for fire, n in deliveries(receiver).items() if n > 1}
+    assert not doubled, f"fired more than once: {sorted(doubled)[:10]}"
+
+
+def assert_every_instant(receiver, first, last):
+    """Every task's every instant in [first, last] arrived (once: see assert_none_doubled)."""
+    got = deliveries(receiver)
+    missing = [(f"r{i}", t) for i in range(TASKS) for t in range(math.ceil(first), int(last) + 1)
+               if (f"r{i}", float(t)) not in got]
+    assert not missing, f"{len(missing)} instants never arrived, first: {missing[:5]}"
+
+
+def test_replicas_share_the_entries_fire_each_once_and_see_each_others_changes(
+        replicas, receiver):
+    a, b = replicas.start("a"), replicas.start("b")
+    shared(a.url, b.url)
+    put_tasks(a.url, receiver)
+    wait_until(lambda: len(ok(b.url, "/all")) == TASKS, interval=0.1,
+               message="b sees the tasks put through a")
+    begin = time.time()
+    wait_until(lambda: {r["headers"]["X-Schedule-Identity"] for r in receiver.received("/rep")
+                        if r["at"] > begin + 1} == {f"r{i}" for i in range(TASKS)},
+               timeout=10, message="every task firing")
+    # A pause through b stops the task whichever replica fires it; /get agrees on both.
+    owner_of_r0 = a if sa.partition("r0") in partitions(a.url) else b
+    other = b if owner_of_r0 is a else a
+    ok(other.url, "/running", {"identity": "r0", "running": False})
+    wait_until(lambda: ok(owner_of_r0.url, "/get", {"identity": "r0"})["start"] is False,
+               timeout=3, interval=0.1, message="the pause on the owner")
+    paused = time.time()
+    time.sleep(2.5)  # a paused task's fires would show in this window
+    assert not [t for (identity, t) in deliveries(receiver) if identity == "r0" and
+                t > paused]
+    ok(a.url, "/delete", {"identity": "r1"})
+    wait_until(lambda: "r1" not in ok(b.url, "/all"), timeout=3, interval=0.1,
+               message="the delete on b")
+    end = time.time()
+    assert_none_doubled(receiver)
+    got = deliveries(receiver)
+    for i in range(2, TASKS):
+        assert all((f"r{i}", float(t)) in got for t in range(math.ceil(begin + 2), int(end) - 1))
+    health = post(a.url, "/health", method="GET")[1]["data"]
+    assert sorted(health["replicas"]) == sorted([health["replica"], post(
+        b.url, "/health", method="GET")[1]["data"]["replica"]])
+    assert health["lease_age"] < sa.LEASE_FENCE
+
+
+def test_replicas_take_over_a_killed_replica_within_5_s_and_double_nothing(replicas, receiver):
+    a, b = replicas.start("a"), replicas.start("b")
+    shared(a.url, b.url)
+    put_tasks(a.url, receiver)
+    receiver.wait_for(TASKS * 2, "/rep", timeout=10)
+    b.kill()  # SIGKILL: no hand-over
+    killed = time.time()
+    wait_until(lambda: len(partitions(a.url)) == sa.PARTITIONS, timeout=6, interval=0.1,
+               message="a holds every partition")
+    taken = time.time()
+    assert taken - killed <= 5.5
+    # From then on every task fires each second; what fell in the gap is logged missed.
+    time.sleep(3)
+    assert_every_instant(receiver, taken + 1, time.time() - 1)
+    assert_none_doubled(receiver)
+    missed = [h["_source"] for h in ok(a.url, "/search", {"type": "missed", "limit": 100})[
+        "hits"]["hits"]]
+    assert missed and all("no owner" in m["message"][0] for m in missed), [
+        m["message"] for m in missed]
+
+
+def test_replica_cut_off_from_the_cluster_stops_before_its_lease_is_taken_and_rejoins(
+        replicas, receiver):
+    proxy = TcpProxy(ES_URL)
+    a, c = replicas.start("a"), replicas.start("c", es=proxy.url)
+    shared(a.url, c.url)
+    put_tasks(a.url, receiver)
+    receiver.wait_for(TASKS * 2, "/rep", timeout=10)
+    proxy.down()
+    cut = time.time()
+    wait_until(lambda: len(partitions(a.url)) == sa.PARTITIONS, timeout=8, interval=0.1,
+               message="a takes c's partitions")
+    wait_until(lambda: not partitions(c.url), timeout=3, interval=0.1,
+               message="c fires nothing")
+    assert time.time() - cut < 8
+    proxy.up()
+    shared(a.url, c.url)  # c rejoins and gets its share back, handed over by a
+    time.sleep(2)
+    assert_none_doubled(receiver)
+    proxy.down()
+
+
+def test_replicas_joining_and_leaving_rebalance_without_a_double_or_a_miss(replicas, receiver):
+    a = replicas.start("a")
+    put_tasks(a.url, receiver)
+    receiver.wait_for(TASKS, "/rep", timeout=10)
+    begin = time.time()
+    b = replicas.start("b")
+    shared(a.url, b.url)
+    time.sleep(2)
+    assert b.kill(signal.SIGTERM) == 0  # hands its partitions back to a
+    wait_until(lambda: len(partitions(a.url)) == sa.PARTITIONS, timeout=5, interval=0.1,
+               message="a holds every partition again")
+    time.sleep(2)
+    assert_every_instant(receiver, begin + 1, time.time() - 1)
+    assert_none_doubled(receiver)
