@@ -3155,12 +3155,17 @@ def assert_none_doubled(receiver):
     assert not doubled, f"fired more than once: {sorted(doubled)[:10]}"
 
 
-def assert_every_instant(receiver, first, last):
-    """Every task's every instant in [first, last] arrived (once: see assert_none_doubled)."""
+def assert_every_instant(receiver, first, last, url):
+    """Every task's every instant in [first, last] arrived (once: see assert_none_doubled);
+    else say what the logs at ``url`` say of them."""
     got = deliveries(receiver)
     missing = [(f"r{i}", t) for i in range(TASKS) for t in range(math.ceil(first), int(last) + 1)
                if (f"r{i}", float(t)) not in got]
-    assert not missing, f"{len(missing)} instants never arrived, first: {missing[:5]}"
+    if missing:
+        logs = [(h["_source"]["identity"], h["_source"].get("scheduled"),
+                 h["_source"].get("message")) for kind in ("error", "missed")
+                for h in ok(url, "/search", {"type": kind, "limit": 100})["hits"]["hits"]]
+        pytest.fail(f"{len(missing)} instants never arrived, first: {missing[:5]}; {logs}")
 
 
 def test_replicas_share_the_entries_fire_each_once_and_see_each_others_changes(
@@ -3211,7 +3216,7 @@ def test_replicas_take_over_a_killed_replica_within_5_s_and_double_nothing(repli
     assert taken - killed <= 5.5
     # From then on every task fires each second; what fell in the gap is logged missed.
     time.sleep(3)
-    assert_every_instant(receiver, taken + 1, time.time() - 1)
+    assert_every_instant(receiver, taken + 1, time.time() - 1, a.url)
     assert_none_doubled(receiver)
     missed = [h["_source"] for h in ok(a.url, "/search", {"type": "missed", "limit": 100})[
         "hits"]["hits"]]
@@ -3252,5 +3257,5 @@ def test_replicas_joining_and_leaving_rebalance_without_a_double_or_a_miss(repli
     wait_until(lambda: len(partitions(a.url)) == sa.PARTITIONS, timeout=5, interval=0.1,
                message="a holds every partition again")
     time.sleep(2)
-    assert_every_instant(receiver, begin + 1, time.time() - 1)
+    assert_every_instant(receiver, begin + 1, time.time() - 1, a.url)
     assert_none_doubled(receiver)
