@@ -4088,7 +4088,15 @@ class Service:
 
         def one(text: str, value: float) -> tuple[str, list]:
             return text, [({}, value)]
-        return self.metrics.render({
+        replicas = {}
+        if self.replicas is not None:
+            cluster = self.replicas.health()
+            replicas = {
+                "schedule_partitions": one("Partitions this replica fires (of "
+                                           f"{PARTITIONS}).", len(cluster["partitions"])),
+                "schedule_replicas": one("Replicas this one sees alive, itself included.",
+                                         len(cluster["replicas"]))}
+        return self.metrics.render({**replicas,
             "schedule_build_info": ("Always 1; the version as a label.",
                                     [({"version": __version__}, 1)]),
             "schedule_fires_in_flight": one("Fires being tried.", state["fires_running"]),

@@ -727,6 +727,11 @@ def test_metrics_parse_as_prometheus_and_move_as_fires_happen(apps, receiver):
     assert metrics[("schedule_entries", (("state", "paused"),))] == 0
     assert metrics[("schedule_log_dropped", ())] == 0
     assert not any("ok" in str(labels) or receiver.url in str(labels) for _, labels in metrics)
+    if apps.kind == "elasticsearch":  # one replica fires every partition
+        assert metrics[("schedule_partitions", ())] == sa.PARTITIONS
+        assert metrics[("schedule_replicas", ())] == 1
+    else:
+        assert ("schedule_partitions", ()) not in metrics
 
 
 def test_metrics_may_be_public(sqlite_apps):
@@ -1383,6 +1388,62 @@ def scheduler():
 def entries_task(identity, cron, start=True, zone=NY, anchor=0.0):
     return sa.Task(identity, zone, start, {"k": sa.Entry(cron, "http://127.0.0.1:9/",
                                                          anchor=anchor)})
+
+
+@pytest.fixture
+def replicated():
+    """A replica's scheduler on a fake clock (see ``scheduler``): it fires only the
+    partitions it is given; ``records`` lists every log record it writes."""
+    clock = FakeClock(START)
+    records: list[dict] = []
+    s = sa.Scheduler(sa.Webhooks(sa.Config(max_connections=1)), records.append, clock,
+                     replicated=True)
+    s.clock, s.records = clock, records
+    s.start()
+    yield s
+    s.stop(2)
+
+
+def fired_at(scheduler):
+    """The instants fired, in seconds after START."""
+    return sorted(r["scheduled"] - START for r in list(scheduler.records)
+                  if r["type"] in ("success", "error"))
+
+
+def test_a_replica_fires_its_partitions_instants_between_the_horizons_only(replicated):
+    s = replicated
+    s.put(entries_task("a", "*/10 * * * * *"))
+    part = sa.partition("a")
+    s.clock.advance(30)
+    wait_until(s.idle, message="the timer")
+    assert fired_at(s) == [] and s.dates("a")["k"][0] == START + 40  # another replica's
+    s.own({part: (START + 35, START + 55)}, "its partition had no owner")  # after, horizon
+    s.clock.advance(30)  # +60: +40 and +50 fire; +60 is past the horizon: it waits
+    wait_until(lambda: fired_at(s) == [40, 50], message="the instants within the lease")
+    wait_until(s.idle, message="the timer")
+    assert fired_at(s) == [40, 50]
+    s.extend({part: START + 100})  # a renewal: the instant that waited fires, late
+    wait_until(lambda: fired_at(s) == [40, 50, 60], message="the held instant")
+    s.release({part: START + 75})  # handed over: nothing after +75 fires here
+    s.clock.advance(30)
+    wait_until(lambda: fired_at(s) == [40, 50, 60, 70], message="up to the hand-over")
+    wait_until(s.idle, message="the timer")
+    assert fired_at(s) == [40, 50, 60, 70] and s.leases()[part]["until"] == START + 75
+    s.drop([part], "handed over")
+    s.own({part: (START + 90, START + 95)}, "its partition had no owner")
+    s.clock.advance(20)  # +110: +100 is past the horizon, and no renewal comes
+    wait_until(s.idle, message="the timer")
+    s.drop([part], "this replica could not renew its lease in time")
+    missed = [r for r in s.records if r["type"] == "missed"]
+    assert [(m["first"] - START, m["count"], m["fired"]) for m in missed] == [(100, 1, False)]
+    assert "could not renew" in missed[0]["message"][0]
+    s.own({part: (START + 100, START + 200)}, "its partition had no owner")  # a takeover
+    missed = [r for r in s.records if r["type"] == "missed"][1:]
+    assert [(m["first"] - START, m["last"] - START) for m in missed] == [(110, 110)]
+    assert "no owner" in missed[0]["message"][0]
+    s.clock.advance(10)
+    wait_until(lambda: fired_at(s)[-1:] == [120], message="the new owner's first fire")
+    assert fired_at(s) == [40, 50, 60, 70, 120]
 
 
 def drive(scheduler, seconds, step=10.0):
@@ -3122,7 +3183,7 @@ def replicas(tmp_path):
 
 
 def partitions(url):
-    status, reply = post(url, "/health", method="GET")
+    reply = post(url, "/health", method="GET")[1]
     return set(reply["data"]["partitions"])
 
 
