@@ -3599,9 +3599,13 @@ class Replicas:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Take this replica's share (one round, so that a lone replica fires at once when
-        its store answers), then keep it in a thread. Raises StoreError."""
-        self._round()
+        """Take this replica's share (one round, so that a lone replica fires at once), then
+        keep it in a thread, which also retries when the cluster does not answer yet."""
+        try:
+            self._round()
+        except StoreError as exc:
+            self._failing = True
+            log.warning("replicas: cannot take the leases yet: %s", exc)
         self._thread = threading.Thread(target=self._run, name="replicas", daemon=True)
         self._thread.start()
 
@@ -3637,41 +3641,49 @@ class Replicas:
         share = PARTITIONS // len(peers) + (peers.index(self.id) < PARTITIONS % len(peers))
         horizon = now + LEASE_AHEAD
         writes: list[tuple[str, dict | None, Any]] = []
-        plans: list[tuple[str, int, float]] = []  # what each write means: (verb, part, after)
+        # What each write means: (verb, partition, the instant it fires until or after, why
+        # the instants since were missed)
+        plans: list[tuple[str, int, float, str]] = []
 
         def lease(owner: str, until: float) -> dict:
             return {"kind": "lease", "owner": owner, "horizon": until, "by": self.id}
         mine = sorted(self._held)
         for part in mine[share:]:  # a peer joined: give the surplus up
             writes.append((f"lease-{part}", lease("", now + HANDOVER), self._held[part]))
-            plans.append(("release", part, now + HANDOVER))
+            plans.append(("release", part, now + HANDOVER, ""))
         for part in mine[:share]:
             writes.append((f"lease-{part}", lease(self.id, horizon), self._held[part]))
-            plans.append(("renew", part, 0.0))
+            plans.append(("renew", part, horizon, ""))
         free = []
         for part in range(PARTITIONS):
             doc = leases.get(part)
             if part in self._held or part in self._releasing:
                 continue
             if doc is None:
-                free.append((2, part, None, 0.0))
-            elif doc["owner"] in ("", self.id):  # given up, or ours before a failure
-                free.append((0, part, doc["_version"], doc["horizon"]))
+                free.append((2, part, None, 0.0, "the service was down, or the entry paused"))
+            elif doc["owner"] == self.id:  # ours, before the cluster stopped answering
+                free.append((0, part, doc["_version"], doc["horizon"],
+                             "this replica could not reach the cluster"))
+            elif doc["owner"] == "":  # given up
+                free.append((0, part, doc["_version"], doc["horizon"],
+                             f"its partition had no owner after replica {doc['by']} gave it up"))
             elif not self._fresh(f"lease-{part}", doc["_version"], started):
-                free.append((1, part, doc["_version"], doc["horizon"]))
-        for _, part, version, after in sorted(free)[:max(0, share - len(mine))]:
+                free.append((1, part, doc["_version"], doc["horizon"],
+                             f"its partition had no owner: replica {doc['owner']} stopped "
+                             "renewing its lease"))
+        for _, part, version, after, why in sorted(free)[:max(0, share - len(mine))]:
             writes.append((f"lease-{part}", lease(self.id, horizon), version))
-            plans.append(("take", part, after))
+            plans.append(("take", part, after, why))
         writes.append((f"replica-{self.id}", {"kind": "replica", "replica": self.id,
                                               "at": now, "held": len(mine)}, ()))
         results = self._store.write_leases(writes)
-        taken: dict[int, tuple[float, float]] = {}
+        taken: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
         renewed: dict[int, float] = {}
         released: dict[int, float] = {}
         lost = []
         with self._lock:
             self._peers = peers
-            for (verb, part, value), version in zip(plans, results, strict=False):
+            for (verb, part, value, why), version in zip(plans, results, strict=False):
                 if version is None:
                     if verb != "take":
                         lost.append(part)
@@ -3683,9 +3695,9 @@ class Replicas:
                     continue
                 self._held[part], self._renewed[part] = version, started
                 if verb == "take":
-                    taken[part] = (value, horizon)
+                    taken[why][part] = (value, horizon)
                 else:
-                    renewed[part] = horizon
+                    renewed[part] = value
         if lost:
             log.warning("replicas: lost partitions %s to another replica", lost)
             self._scheduler.drop(lost, "this replica lost the lease of its partition")
@@ -3694,9 +3706,10 @@ class Replicas:
                      len(peers))
             self._scheduler.release(released)
             renewed.update(released)  # the release was written: it fires until then
-        if taken:
-            log.info("replicas: took partitions %s (%d replicas)", sorted(taken), len(peers))
-            self._scheduler.own(taken, "its partition had no owner")
+        for why, parts in taken.items():
+            log.info("replicas: took partitions %s (%d replicas; %s)", sorted(parts),
+                     len(peers), why)
+            self._scheduler.own(parts, why)
         self._scheduler.extend(renewed)
         done = [part for part, until in self._releasing.items() if until < self._clock.now()]
         if done:
