@@ -4,7 +4,8 @@
 A drop-in successor of the Go service kainonly/schedule-api: the same eight POST endpoints,
 the same request fields and the same reply envelopes, so existing clients switch without
 changing a line. Tasks and a searchable log of every fire live in an embedded SQLite store by
-default, or in Elasticsearch when ``[elasticsearch] hosts`` is set.
+default, or in Elasticsearch when ``[elasticsearch] hosts`` is set; then any number of
+processes with the same settings share the firing of the tasks (README, "Several replicas").
 
 Run it::
 
@@ -91,6 +92,7 @@ __all__ = [
     "LogWriter",
     "Metrics",
     "NotFoundError",
+    "Replicas",
     "SQLiteStore",
     "ScheduleError",
     "Scheduler",
@@ -115,6 +117,7 @@ __all__ = [
     "open_store",
     "openapi_document",
     "parse_schedule",
+    "partition",
     "request_schema",
     "retry_plan",
     "rfc3339",
