@@ -3672,8 +3672,8 @@ class Replicas:
                              f"its partition had no owner after replica {doc['by']} gave it up"))
             elif not self._fresh(f"lease-{part}", doc["_version"], started):
                 free.append((1, part, doc["_version"], doc["horizon"],
-                             f"its partition had no owner: replica {doc['owner']} stopped "
-                             "renewing its lease"))
+                             (f"its partition had no owner: replica {doc['owner']} stopped "
+                              "renewing its lease")))
         for _, part, version, after, why in sorted(free)[:max(0, share - len(mine))]:
             writes.append((f"lease-{part}", lease(self.id, horizon), version))
             plans.append(("take", part, after, why))
