@@ -1542,7 +1542,7 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from None
 
-    def save_task(self, doc: dict, token: str = "") -> None:
+    def save_task(self, doc: dict, token: str = "", merge_marks: bool = False) -> None:
         text = json.dumps({k: v for k, v in doc.items() if k not in ("last", "accounted")})
         identity = doc["identity"]
 
@@ -1742,9 +1742,16 @@ class ElasticsearchStore:
         self._dirty = threading.Event()  # a log was written since the last refresh
         self._dirty.set()  # logs written before a restart are not yet searchable either
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a client method (dotted for namespaces); return the body as plain data."""
+    def _call(self, method: str, *args: Any, timeout: float | None = None,
+              **kwargs: Any) -> Any:
+        """Call a client method (dotted for namespaces), within ``timeout`` seconds when
+        given; return the body as plain data."""
         target = self._es
+        if timeout is not None:  # each major its own way
+            if self._major < 8:
+                kwargs["request_timeout"] = timeout
+            else:
+                target = target.options(request_timeout=timeout)
         for part in method.split("."):
             target = getattr(target, part)
         try:
@@ -1797,14 +1804,24 @@ class ElasticsearchStore:
         except StoreError as exc:
             log.warning("could not extend the mapping of %s: %s", index, exc)
 
-    def save_task(self, doc: dict, token: str = "") -> tuple[int, int]:
+    def save_task(self, doc: dict, token: str = "", merge_marks: bool = False
+                  ) -> tuple[int, int]:
         """Store a task; return its document's version (primary term, sequence number),
-        which grows with every change of it (Replicas)."""
+        which grows with every change of it (Replicas). With ``merge_marks`` the stored
+        last fires stay where they are later than the document's (a replica that does not
+        fire the task knows them only as of the last change it read)."""
         self._ensure()
         task = {k: v for k, v in doc.items() if k not in ("last", "accounted")}
         last: dict[str, dict[str, float]] = {}
+        if merge_marks:
+            try:
+                stored = self._call("get", index=self.tasks_index, id=doc["identity"])
+                last = stored["_source"].get("last") or {}
+            except StoreError as exc:
+                if "404" not in str(exc) and "not_found" not in str(exc).lower():
+                    raise
         for key, since, at in _marks(doc):
-            last.setdefault(key, {})[since] = at
+            last.setdefault(key, {})[since] = max(at, last.get(key, {}).get(since, at))
         return self._version(self._call(
             "index", index=self.tasks_index, id=doc["identity"],
             document={"identity": doc["identity"], "task": task, "last": last,
@@ -1853,32 +1870,34 @@ class ElasticsearchStore:
                 return
             after = hits[-1]["sort"]
 
-    def leases(self) -> tuple[dict[int, dict], dict[str, dict]]:
+    def leases(self, timeout: float | None = None) -> tuple[dict[int, dict], dict[str, dict]]:
         """Return the partitions' leases as they are now ({partition: document with its
         version}, a real-time read) and the replicas' heartbeats ({replica: document with
-        its version}, as last refreshed)."""
+        its version}, as last refreshed), each read within ``timeout`` seconds."""
         self._ensure()
         ids = [f"lease-{part}" for part in range(PARTITIONS)]
         leases = {}
         request = {"body": {"ids": ids}} if self._major < 8 else {"ids": ids}
-        for doc in self._call("mget", index=self.cluster_index, **request)["docs"]:
+        for doc in self._call("mget", index=self.cluster_index, timeout=timeout,
+                              **request)["docs"]:
             if doc.get("found"):
                 leases[int(doc["_id"][6:])] = {**doc["_source"], "_version": (
                     doc["_primary_term"], doc["_seq_no"])}
-        page = self._call("search", index=self.cluster_index, size=1000,
+        page = self._call("search", index=self.cluster_index, size=1000, timeout=timeout,
                           query={"term": {"kind": "replica"}}, seq_no_primary_term=True)
         replicas = {hit["_source"]["replica"]: {**hit["_source"], "_version": (
             hit["_primary_term"], hit["_seq_no"])} for hit in page["hits"]["hits"]}
         return leases, replicas
 
-    def write_leases(self, writes: list[tuple[str, dict | None, tuple[int, int] | None]]
-                     ) -> list[bool]:
+    def write_leases(self, writes: list[tuple[str, dict | None, tuple[int, int] | None]],
+                     timeout: float | None = None) -> list[tuple[int, int] | None]:
         """Write lease and heartbeat documents in one request: each (id, document, version)
         replaces the document only if it is still at that version (compare-and-set), or
         creates it only if absent when the version is None, or writes it whatever its
         version when that is (); a None document deletes.
-        Return, for each, its new version, or None where it was not written. Raises
-        StoreError if the cluster did not answer."""
+        Return, for each, its new version, or None where another writer changed it first
+        (a version conflict). Raises StoreError if the cluster did not answer, or refused
+        a write for another reason (written ones stand; the next round finds them)."""
         lines: list[dict] = []
         for doc_id, doc, version in writes:
             action: dict[str, Any] = {"_index": self.cluster_index, "_id": doc_id}
@@ -1888,7 +1907,13 @@ class ElasticsearchStore:
                 lines.append({"delete": action})
             else:
                 lines += [{"create" if version is None else "index": action}, doc]
-        results = (next(iter(item.values())) for item in self._call("bulk", body=lines)["items"])
+        results = [next(iter(item.values())) for item in
+                   self._call("bulk", body=lines, timeout=timeout)["items"]]
+        failed = [result for result in results
+                  if result.get("status", 500) >= 300 and result.get("status") not in (404, 409)]
+        if failed:
+            raise StoreError(f"elasticsearch bulk: {len(failed)} lease writes failed, first: "
+                             f"{failed[0].get('error')}")
         return [(result["_primary_term"], result["_seq_no"])
                 if result.get("status", 500) < 300 else None for result in results]
 
@@ -2982,12 +3007,17 @@ class _Lease:
     horizon) and up to ``horizon`` (this replica's latest renewal); once given up, none after
     ``until``. Due instants past the horizon wait in ``held`` for the next renewal."""
 
-    __slots__ = ("after", "held", "horizon", "until")
+    __slots__ = ("after", "fired", "held", "horizon", "until")
 
     def __init__(self, after: float, horizon: float):
         self.after, self.horizon = after, horizon
         self.until: float | None = None
+        self.fired = after  # the latest instant fired here
         self.held: list[tuple[float, _Slot]] = []
+
+    def bound(self) -> float:
+        """Return the latest instant this replica may fire."""
+        return self.horizon if self.until is None else min(self.horizon, self.until)
 
 
 class _Slot:
@@ -3097,6 +3127,16 @@ class Scheduler:
     def _owns(self, slot: _Slot) -> bool:
         return self._leases is None or slot.part in self._leases
 
+    def fires(self, identity: str) -> bool:
+        """Return True if this scheduler fires the task (its partition is leased here)."""
+        with self._lock:
+            return self._leases is None or partition(identity) in self._leases
+
+    def _bound(self, slot: _Slot, now: float) -> float:
+        """Return ``now``, or earlier the latest instant the slot's lease lets it fire: what
+        lies beyond waits for a renewal (or is its successor's)."""
+        return now if self._leases is None else min(now, self._leases[slot.part].bound())
+
     def _resume(self, slot: _Slot, now: float, why: str, after: float = 0.0) -> None:
         """Arm a slot that did not run (loaded at start, resumed, put running again) after
         accounting for its instants that never fired: those after its last fire, its put
@@ -3112,9 +3152,10 @@ class Scheduler:
             first = slot.schedule.next_after(since) if since else None
         except ScheduleError:
             first = None
-        if first is not None and first <= now:
-            self._log_missed(slot, since, now, why)
-        self._arm(slot, now, first if first is not None and first > now else None)
+        bound = self._bound(slot, now)  # a replica counts only what its lease covers
+        if first is not None and first <= bound:
+            self._log_missed(slot, since, bound, why)
+        self._arm(slot, bound, first if first is not None and first > bound else None)
 
     def _log_missed(self, slot: _Slot, since: float, now: float, why: str,
                     may_fire: bool = True) -> None:
@@ -3277,7 +3318,10 @@ class Scheduler:
                 for slot in slots.values():
                     if slot.part in parts and task.start and slot.entry.running and \
                             not slot.running:
-                        self._resume(slot, now, why, parts[slot.part][0])
+                        try:
+                            self._resume(slot, now, why, parts[slot.part][0])
+                        except Exception:  # one bad entry must not leave the others unarmed
+                            log.exception("cannot arm %s/%s", slot.identity, slot.key)
             self._wake.set()
 
     def extend(self, parts: dict[int, float]) -> None:
@@ -3293,18 +3337,27 @@ class Scheduler:
                     heapq.heappush(self._heap, (at, next(self._seq), slot))
             self._wake.set()
 
-    def release(self, parts: dict[int, float]) -> None:
-        """Fire nothing after ``until`` in partitions given up, {partition: until}."""
+    def release(self, parts: dict[int, float | None]) -> dict[int, float]:
+        """Fire nothing after ``until`` in partitions given up, {partition: until, or None
+        for now}; return each partition's until, never before an instant it fired or its
+        predecessor may have: the next owner fires only the instants after it."""
         with self._lock:
+            now, untils = self._clock.now(), {}
             for part, until in parts.items():
-                if part in self._leases:
-                    self._leases[part].until = until
+                lease = self._leases.get(part)
+                if lease is not None:
+                    lease.until = untils[part] = max(now if until is None else until,
+                                                     lease.after, lease.fired)
             self._wake.set()
+            return untils
 
-    def drop(self, parts: Iterable[int], why: str) -> None:
-        """Stop firing partitions now (their fires in flight and retries go on). Instants
-        that waited for a renewal that never came are logged missed, with ``why``."""
+    def drop(self, parts: Iterable[int], why: str) -> dict[int, float]:
+        """Stop firing partitions (their fires in flight and retries go on); return the
+        latest instant each one's lease covered. Its due instants the timer has not reached
+        yet are still this replica's: they fire now, late. Those that waited for a renewal
+        that never came are logged missed, with ``why``."""
         with self._lock:
+            now = self._clock.now()
             dropped = {part: self._leases.pop(part) for part in parts if part in self._leases}
             for lease in dropped.values():
                 for at, slot in lease.held:
@@ -3312,10 +3365,17 @@ class Scheduler:
                         self._log_missed(slot, at - 0.5, at, why, may_fire=False)
             for slots in self._slots.values():
                 for slot in slots.values():
-                    if slot.part in dropped and slot.running:
-                        slot.running, slot.next = False, None
-                        self._stale += 1
+                    if slot.part not in dropped or not slot.running:
+                        continue
+                    bound = min(now, dropped[slot.part].bound())
+                    while slot.next is not None and slot.next <= bound:
+                        slot.last = slot.next
+                        self._queue_retry(self._start_fire(slot, slot.next), now)
+                        slot.next = slot.schedule.next_after(slot.next)
+                    slot.running, slot.next = False, None
+                    self._stale += 1
             self._compact()
+            return {part: lease.bound() for part, lease in dropped.items()}
 
     def leases(self) -> dict[int, dict]:
         """Return the partitions fired here: {partition: {after, horizon, until}}."""
@@ -3422,13 +3482,15 @@ class Scheduler:
                 if at > lease.horizon:  # fired only once a renewal says it is still ours
                     lease.held.append((at, slot))
                     continue
+                lease.fired = max(lease.fired, at)
             try:
                 if at < now - LATE_REPLAY_LIMIT:  # the host slept, or the clock jumped
-                    self._log_missed(slot, at - 0.5, now, f"{now - at:.0f} s behind: the "
-                                                          "host was suspended, or its clock "
-                                                          "jumped")
+                    bound = self._bound(slot, now)  # (no further than the lease goes)
+                    self._log_missed(slot, at - 0.5, bound, f"{now - at:.0f} s behind: the "
+                                                            "host was suspended, or its "
+                                                            "clock jumped")
                     at = None
-                    following = slot.schedule.next_after(now)
+                    following = slot.schedule.next_after(bound)
                 else:
                     slot.last = at
                     following = slot.schedule.next_after(at)
@@ -3576,13 +3638,13 @@ class Replicas:
 
     A lease is a document changed only by compare-and-set: its owner, and its horizon, the
     instant up to which the owner may fire. Every LEASE_RENEW the owner moves the horizon to
-    LEASE_AHEAD past the round's start; a successor fires only the instants after the
-    horizon it took over. So an instant is fired by one replica at most, whatever the
-    replicas' clocks say, and a replica cut off from the cluster stops by itself at its
-    horizon (its fences), before a peer may take the lease: a lease is dead once it has stood
-    unchanged for LEASE_TAKEOVER, as each replica times it on its own monotonic clock. A
-    replica giving a partition up (a peer joined, or it stops) sets the horizon HANDOVER
-    ahead and fires until then, so a handover neither doubles nor misses a fire.
+    LEASE_AHEAD past the round's start (never back); a successor fires only the instants
+    after the horizon it took over. So an instant is fired by one replica at most, whatever
+    the replicas' clocks say, and a replica cut off from the cluster stops by itself at its
+    horizon, before a peer may take the lease: a lease is dead once it has stood unchanged
+    for LEASE_TAKEOVER, as each replica times it on its own monotonic clock. A replica
+    giving a partition up (a peer joined, or it stops) sets the horizon HANDOVER ahead and
+    fires until then, so a handover neither doubles nor misses a fire.
 
     A heartbeat document per replica tells who is alive; the partitions go evenly to the
     living, in the order of their ids.
@@ -3594,7 +3656,9 @@ class Replicas:
         self._lock = threading.Lock()  # guards what health() reads
         self._held: dict[int, tuple[int, int]] = {}  # partition -> our lease's version
         self._renewed: dict[int, float] = {}  # partition -> monotonic start of its last renewal
-        self._releasing: dict[int, float] = {}  # partition -> the instant we fire it until
+        self._floor: dict[int, float] = {}  # partition -> no horizon we write goes below it
+        self._releasing: dict[int, tuple[float, float]] = {}  # partition -> until, monotonic
+        self._dropped: dict[int, float] = {}  # partition -> the last instant it let us fire
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}  # doc -> version, since
         self._peers: list[str] = [self.id]
         self._failing = False
@@ -3604,28 +3668,30 @@ class Replicas:
     def start(self) -> None:
         """Take this replica's share (one round, so that a lone replica fires at once), then
         keep it in a thread, which also retries when the cluster does not answer yet."""
-        try:
-            self._round()
-        except StoreError as exc:
-            self._failing = True
-            log.warning("replicas: cannot take the leases yet: %s", exc)
+        self._step()
         self._thread = threading.Thread(target=self._run, name="replicas", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(LEASE_RENEW):
-            try:
-                self._round()
-                if self._failing:
-                    log.warning("replicas: the cluster answers again")
-                self._failing = False
-            except StoreError as exc:
-                if not self._failing:
-                    log.warning("replicas: cannot renew the leases: %s", exc)
-                self._failing = True
-            except Exception:
-                log.exception("replicas: round failed")
+            self._step()
+
+    def _step(self) -> None:
+        try:
+            self._round()
+            if self._failing:
+                log.warning("replicas: the cluster answers again")
+            self._failing = False
+        except StoreError as exc:
+            if not self._failing:
+                log.warning("replicas: cannot renew the leases: %s", exc)
+            self._failing = True
+        except Exception:
+            log.exception("replicas: round failed")
+        try:
             self._fence()
+        except Exception:
+            log.exception("replicas: fence failed")
 
     def _fresh(self, doc_id: str, version: tuple[int, int], started: float) -> bool:
         """Return True while a document's version has changed within LEASE_TAKEOVER."""
@@ -3637,26 +3703,37 @@ class Replicas:
 
     def _round(self) -> None:
         started, now = time.monotonic(), self._clock.now()
-        leases, beats = self._store.leases()
-        peers = sorted({self.id} | {replica for replica, doc in beats.items()
-                                    if self._fresh(f"replica-{replica}", doc["_version"],
-                                                   started)})
-        share = PARTITIONS // len(peers) + (peers.index(self.id) < PARTITIONS % len(peers))
-        horizon = now + LEASE_AHEAD
+        leases, beats = self._store.leases(timeout=LEASE_RENEW * 2)
+        alive = {self.id}
         writes: list[tuple[str, dict | None, Any]] = []
-        # What each write means: (verb, partition, the instant it fires until or after, why
-        # the instants since were missed)
-        plans: list[tuple[str, int, float, str]] = []
+        for replica, doc in beats.items():
+            if self._fresh(f"replica-{replica}", doc["_version"], started):
+                alive.add(replica)
+            elif started - self._seen[f"replica-{replica}"][1] > 60 * LEASE_TAKEOVER:
+                writes.append((f"replica-{replica}", None, doc["_version"]))  # long dead
+        peers = sorted(alive)
+        share = PARTITIONS // len(peers) + (peers.index(self.id) < PARTITIONS % len(peers))
+        # What each write means: (verb, partition, the horizon it writes, the instant the
+        # taker fires after, why the instants since then were missed)
+        plans: list[tuple[str, int, float, float, str]] = []
 
-        def lease(owner: str, until: float) -> dict:
-            return {"kind": "lease", "owner": owner, "horizon": until, "by": self.id}
+        def lease(part: int, owner: str, horizon: float, after: float) -> dict:
+            return {"kind": "lease", "owner": owner, "horizon": horizon, "from": after,
+                    "by": self.id}
+        for part in list(self._held):
+            doc = leases.get(part)
+            if doc is not None and doc["owner"] == self.id:  # our own write, its answer lost
+                self._held[part] = doc["_version"]
         mine = sorted(self._held)
         for part in mine[share:]:  # a peer joined: give the surplus up
-            writes.append((f"lease-{part}", lease("", now + HANDOVER), self._held[part]))
-            plans.append(("release", part, now + HANDOVER, ""))
+            until = max(now + HANDOVER, self._floor[part])
+            writes.append((f"lease-{part}", lease(part, "", until, until), self._held[part]))
+            plans.append(("release", part, until, 0.0, ""))
         for part in mine[:share]:
-            writes.append((f"lease-{part}", lease(self.id, horizon), self._held[part]))
-            plans.append(("renew", part, horizon, ""))
+            horizon = max(now + LEASE_AHEAD, self._floor[part])
+            writes.append((f"lease-{part}", lease(part, self.id, horizon, self._floor[part]),
+                           self._held[part]))
+            plans.append(("renew", part, horizon, 0.0, ""))
         free = []
         for part in range(PARTITIONS):
             doc = leases.get(part)
@@ -3664,8 +3741,9 @@ class Replicas:
                 continue
             if doc is None:
                 free.append((2, part, None, 0.0, "the service was down, or the entry paused"))
-            elif doc["owner"] == self.id:  # ours, before the cluster stopped answering
-                free.append((0, part, doc["_version"], doc["horizon"],
+            elif doc["owner"] == self.id:  # ours before the cluster stopped answering
+                after = self._dropped.get(part, doc.get("from", doc["horizon"]))
+                free.append((0, part, doc["_version"], after,
                              "this replica could not reach the cluster"))
             elif doc["owner"] == "":  # given up
                 free.append((0, part, doc["_version"], doc["horizon"],
@@ -3675,46 +3753,59 @@ class Replicas:
                              (f"its partition had no owner: replica {doc['owner']} stopped "
                               "renewing its lease")))
         for _, part, version, after, why in sorted(free)[:max(0, share - len(mine))]:
-            writes.append((f"lease-{part}", lease(self.id, horizon), version))
-            plans.append(("take", part, after, why))
+            horizon = max(now + LEASE_AHEAD, after)
+            writes.append((f"lease-{part}", lease(part, self.id, horizon, after), version))
+            plans.append(("take", part, horizon, after, why))
         writes.append((f"replica-{self.id}", {"kind": "replica", "replica": self.id,
                                               "at": now, "held": len(mine)}, ()))
-        results = self._store.write_leases(writes)
+        results = self._store.write_leases(writes, timeout=LEASE_RENEW * 2)
+        results = results[len(writes) - len(plans) - 1:]  # the heartbeats' deletions first
+        self._apply(plans, results, started, peers)
+
+    def _apply(self, plans: list, results: list, started: float, peers: list[str]) -> None:
+        """Act on what the round's writes did: fire what was taken, extend what was renewed,
+        stop what was lost, hand over what was released."""
         taken: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
         renewed: dict[int, float] = {}
         released: dict[int, float] = {}
         lost = []
         with self._lock:
             self._peers = peers
-            for (verb, part, value, why), version in zip(plans, results, strict=False):
-                if version is None:
+            for (verb, part, horizon, after, why), version in zip(plans, results,
+                                                                   strict=False):
+                if version is None:  # another replica changed it first
                     if verb != "take":
                         lost.append(part)
                         self._held.pop(part, None)
                     continue
                 if verb == "release":
                     self._held.pop(part)
-                    self._releasing[part] = released[part] = value
+                    released[part] = horizon
                     continue
                 self._held[part], self._renewed[part] = version, started
+                self._floor[part] = horizon
                 if verb == "take":
-                    taken[why][part] = (value, horizon)
+                    self._dropped.pop(part, None)
+                    taken[why][part] = (after, horizon)
                 else:
-                    renewed[part] = value
+                    renewed[part] = horizon
         if lost:
             log.warning("replicas: lost partitions %s to another replica", lost)
-            self._scheduler.drop(lost, "this replica lost the lease of its partition")
+            self._dropped.update(self._scheduler.drop(lost, "this replica lost the lease of "
+                                                            "its partition"))
         if released:
             log.info("replicas: handing partitions %s over (%d replicas)", sorted(released),
                      len(peers))
-            self._scheduler.release(released)
-            renewed.update(released)  # the release was written: it fires until then
+            self._scheduler.extend(released)  # the release was written: it fires until then
+            for part, until in self._scheduler.release(released).items():
+                self._releasing[part] = (until, started + until - self._clock.now())
         for why, parts in taken.items():
             log.info("replicas: took partitions %s (%d replicas; %s)", sorted(parts),
                      len(peers), why)
             self._scheduler.own(parts, why)
         self._scheduler.extend(renewed)
-        done = [part for part, until in self._releasing.items() if until < self._clock.now()]
+        done = [part for part, (_, deadline) in self._releasing.items()
+                if time.monotonic() > deadline]
         if done:
             self._scheduler.drop(done, "handed over")
             with self._lock:
@@ -3732,32 +3823,33 @@ class Replicas:
             with self._lock:
                 for part in stale:
                     del self._held[part]
-            self._scheduler.drop(stale, "this replica could not renew its lease in time")
+            self._dropped.update(self._scheduler.drop(
+                stale, "this replica could not renew its lease in time"))
 
     def stop(self) -> None:
         """Hand every partition over (firing on until HANDOVER when peers are alive to take
-        them), then leave. Errors are logged: the leases then simply run out."""
+        them; alone, it stops at once), then leave. Errors are logged: the leases then
+        simply run out."""
         self._stop.set()
         if self._thread:
             self._thread.join()
-        # Alone, it stops at once: an instant is fired at or after its time, so none after
-        # now was fired, and the next replica to start fires from here.
-        now = self._clock.now()
-        until = now + (HANDOVER if len(self._peers) > 1 else 0.0)
         held = dict(self._held)
-        self._scheduler.release(dict.fromkeys(held, until))
+        ahead = self._clock.now() + HANDOVER if len(self._peers) > 1 else None
+        untils = self._scheduler.release(dict.fromkeys(held, ahead))
         try:
             results = self._store.write_leases(
-                [(f"lease-{part}", {"kind": "lease", "owner": "", "horizon": until,
-                                    "by": self.id}, version) for part, version in held.items()]
-                + [(f"replica-{self.id}", None, ())])
-            self._scheduler.extend({part: until for part, version in zip(held, results,
-                                                                         strict=False)
-                                    if version is not None})
+                [(f"lease-{part}", {"kind": "lease", "owner": "", "horizon": untils[part],
+                                    "from": untils[part], "by": self.id}, version)
+                 for part, version in held.items()] + [(f"replica-{self.id}", None, ())],
+                timeout=LEASE_RENEW * 2)
+            self._scheduler.extend({part: untils[part] for part, version in zip(
+                held, results, strict=False) if version is not None})
         except StoreError as exc:
             log.warning("replicas: could not hand the partitions over: %s", exc)
-        while self._clock.now() < until:
-            time.sleep(min(0.1, max(0.0, until - self._clock.now())))
+        last = max([*untils.values(), *(until for until, _ in self._releasing.values())],
+                   default=0.0)
+        while self._clock.now() < last:
+            time.sleep(min(0.1, max(0.0, last - self._clock.now())))
         self._scheduler.drop(list(held) + list(self._releasing), "handed over")
         with self._lock:
             self._held.clear()
@@ -3838,7 +3930,7 @@ class Service:
         later version of it; return True if it was applied."""
         with self._lock:
             known = self._applied.get(identity)
-            if known is not None and (known[1] == token or version <= known[0]):
+            if known is not None and ((token and known[1] == token) or version <= known[0]):
                 return False
             if version is not None:
                 self._applied[identity] = (version, token)
@@ -3856,9 +3948,10 @@ class Service:
     def _sync(self) -> None:
         """Apply the tasks put, paused, resumed or deleted through other replicas: those
         changed lately every TASK_SYNC, all of them every TASK_RESYNC."""
-        since, full, failing = self._clock.now(), time.monotonic(), False
+        # Wall time, as the writers stamp their changes (not the service's clock).
+        since, full, failing = time.time(), time.monotonic(), False
         while not self._syncing.wait(TASK_SYNC):
-            started = self._clock.now()
+            started = time.time()
             whole = time.monotonic() - full > TASK_RESYNC
             try:
                 for change in self._store.task_changes(
@@ -3873,10 +3966,21 @@ class Service:
             if whole:
                 full = time.monotonic()
 
-    def _saved(self, identity: str, version: tuple[int, int] | None, token: str) -> None:
-        # What this replica wrote is applied already: its own sync must not apply it again.
-        if version is not None:
-            self._applied[identity] = (version, token)
+    def _save(self, doc: dict | None, identity: str) -> None:
+        """Store a task document (None: delete the task); caller holds the lock. What this
+        replica writes is applied here already: its own sync must not apply it again."""
+        if self.replicas is None:
+            if doc is None:
+                self._store.delete_task(identity)
+            else:
+                self._store.save_task(doc)
+            return
+        token = uuid.uuid4().hex
+        if doc is None:
+            version = self._store.delete_task(identity, token)
+        else:
+            version = self._store.save_task(doc, token, not self._scheduler.fires(identity))
+        self._applied[identity] = (version, token)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._syncing.set()
@@ -3916,9 +4020,7 @@ class Service:
                 task.entries[key].anchor = old.entries[key].anchor
             last = {key: last[key] for key in kept if key in last}
             accounted = {key: accounted[key] for key in kept if key in accounted}
-            token = uuid.uuid4().hex
-            self._saved(task.identity,
-                        self._store.save_task(task.document(last, accounted), token), token)
+            self._save(task.document(last, accounted), task.identity)
             self._scheduler.put(task, last, accounted=accounted)
         self._writer.write_now(make_log("put", task.identity, body=task.public()))
 
@@ -3960,9 +4062,7 @@ class Service:
                 entry = self._entry(task, key, "/running")
                 task = dataclasses.replace(task, entries={
                     **task.entries, key: dataclasses.replace(entry, running=running)})
-            token = uuid.uuid4().hex
-            self._saved(identity, self._store.save_task(
-                task.document(*self._scheduler.marks(identity)), token), token)
+            self._save(task.document(*self._scheduler.marks(identity)), identity)
             self._scheduler.set_running(task)
         body = {"identity": identity, **({} if key is None else {"key": key}),
                 "running": running}
@@ -3992,8 +4092,7 @@ class Service:
         identity = _take(self._fields(request, "/delete"), "/delete", "identity")
         with self._lock:
             self._require(identity)
-            token = uuid.uuid4().hex
-            self._saved(identity, self._store.delete_task(identity, token), token)
+            self._save(None, identity)
             self._scheduler.delete(identity)
         self._writer.write_now(make_log("delete", identity, body={"identity": identity}))
 

@@ -1410,6 +1410,27 @@ def fired_at(scheduler):
                   if r["type"] in ("success", "error"))
 
 
+@pytest.mark.parametrize("case", ["asleep for 100 s", "takes the lease late"])
+def test_a_replica_never_fires_past_its_horizon_when_it_catches_up(replicated, case):
+    s = replicated
+    s.put(sa.Task("a", NY, True, {"k": sa.Entry("*/10 * * * * *", "http://127.0.0.1:9/",
+                                               misfire="once")}))
+    part = sa.partition("a")
+    if case == "asleep for 100 s":  # a frozen process: its successor fired after +25
+        s.own({part: (START, START + 25)}, "test")
+        s.clock.advance(100)
+        expected_fired, expected_missed = [20], (10, 20)
+    else:  # the round that took it was slow: the lease covers up to +55 only
+        s.clock.advance(60)
+        s.own({part: (START + 20, START + 55)}, "test")
+        expected_fired, expected_missed = [50], (30, 50)
+    wait_until(lambda: fired_at(s) == expected_fired, message="the late fire")
+    wait_until(s.idle, message="the timer")
+    assert fired_at(s) == expected_fired  # nothing past the horizon: it waits for a renewal
+    missed = [r for r in s.records if r["type"] == "missed"]
+    assert [(m["first"] - START, m["last"] - START) for m in missed] == [expected_missed]
+
+
 def test_a_replica_fires_its_partitions_instants_between_the_horizons_only(replicated):
     s = replicated
     s.put(entries_task("a", "*/10 * * * * *"))
