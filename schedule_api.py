@@ -172,6 +172,8 @@ HANDOVER = 2.0  # seconds a partition given up to a peer still fires on the one 
 TASK_SYNC = 1.0  # seconds between reads of the tasks changed through other replicas
 TASK_SYNC_OVERLAP = 30.0  # seconds re-read each time: other replicas' clocks and refreshes
 TASK_RESYNC = 60.0  # seconds between full reads of the tasks (a backstop for larger skews)
+TOMBSTONE_DAYS = 7.0  # a deleted task's tombstone is kept this long: a replica that starts
+# reads the tasks anew, but one cut off from the cluster for longer keeps the task until then
 # Headers a user may not set on a webhook: the service computes them, and a wrong one corrupts
 # the request (so do X-Schedule-*, the fire's own).
 FORBIDDEN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
@@ -1848,12 +1850,13 @@ class ElasticsearchStore:
     def task_changes(self, since: float | None = None
                      ) -> Iterator[tuple[str, tuple[int, int], str, dict | None]]:
         """Yield (identity, version, token, task document or None for a deleted one) of every
-        task, or of those changed since the UNIX time ``since`` (as the writers' clocks say)."""
+        task, or of those changed since the UNIX time ``since`` (as the writers' clocks say).
+        Reading them all also deletes the tombstones older than TOMBSTONE_DAYS."""
         self._ensure()
         self._call("indices.refresh", index=self.tasks_index)
         query = ({"match_all": {}} if since is None else
                  {"range": {"changed": {"gte": int(since * 1000)}}})
-        after = None
+        after, old = None, []
         while True:
             extra = {"search_after": after} if after else {}
             page = self._call("search", index=self.tasks_index, size=1000,
@@ -1862,13 +1865,20 @@ class ElasticsearchStore:
             hits = page["hits"]["hits"]
             for hit in hits:
                 source = hit["_source"]
+                version = (hit["_primary_term"], hit["_seq_no"])
                 doc = None if source.get("deleted") else \
                     _read_marks(source["task"], source.get("last") or {})
-                yield (source["identity"], (hit["_primary_term"], hit["_seq_no"]),
-                       source.get("token", ""), doc)
+                if doc is None and source.get("changed", 0) < \
+                        (time.time() - TOMBSTONE_DAYS * 86400) * 1000:
+                    old.append((source["identity"], version))
+                yield source["identity"], version, source.get("token", ""), doc
             if len(hits) < 1000:
-                return
+                break
             after = hits[-1]["sort"]
+        if since is None and old:  # only if still tombstones: a put since then stays
+            self._call("bulk", body=[{"delete": {
+                "_index": self.tasks_index, "_id": identity, "if_primary_term": version[0],
+                "if_seq_no": version[1]}} for identity, version in old])
 
     def leases(self, timeout: float | None = None) -> tuple[dict[int, dict], dict[str, dict]]:
         """Return the partitions' leases as they are now ({partition: document with its
@@ -3005,15 +3015,17 @@ def partition(identity: str) -> int:
 class _Lease:
     """A partition this replica fires: the instants after ``after`` (its previous owner's
     horizon) and up to ``horizon`` (this replica's latest renewal); once given up, none after
-    ``until``. Due instants past the horizon wait in ``held`` for the next renewal."""
+    ``until``. Due instants past the horizon wait in ``held`` for the next renewal, and so
+    do the entries resumed while the clock is past it, in ``pending``."""
 
-    __slots__ = ("after", "fired", "held", "horizon", "until")
+    __slots__ = ("after", "fired", "held", "horizon", "pending", "until")
 
     def __init__(self, after: float, horizon: float):
         self.after, self.horizon = after, horizon
         self.until: float | None = None
         self.fired = after  # the latest instant fired here
         self.held: list[tuple[float, _Slot]] = []
+        self.pending: list[tuple[_Slot, str]] = []
 
     def bound(self) -> float:
         """Return the latest instant this replica may fire."""
@@ -3146,16 +3158,27 @@ class Scheduler:
         load without one computation each. A put time of 0 means unknown (a hand-made
         task document without anchors): nothing is counted then. Instants up to ``after``
         were another replica's (its lease's horizon)."""
-        since = max(slot.last or 0.0, slot.accounted) if slot.entry.anchor else 0.0
-        since = max(since, slot.entry.anchor, after)
-        try:
-            first = slot.schedule.next_after(since) if since else None
-        except ScheduleError:
-            first = None
-        bound = self._bound(slot, now)  # a replica counts only what its lease covers
+        lease = None if self._leases is None else self._leases[slot.part]
+        if lease is not None and now > lease.horizon:  # counted once a renewal covers now
+            slot.running, slot.next = True, None
+            lease.pending.append((slot, why))
+            return
+        since, first = self._first_unfired(slot, after)
+        bound = self._bound(slot, now)  # (a partition being handed over: up to its until)
         if first is not None and first <= bound:
             self._log_missed(slot, since, bound, why)
         self._arm(slot, bound, first if first is not None and first > bound else None)
+
+    @staticmethod
+    def _first_unfired(slot: _Slot, after: float) -> tuple[float, float | None]:
+        """Return the instant from which the slot's fires are unaccounted for, and the
+        first of them (None: none, or unknown)."""
+        since = max(slot.last or 0.0, slot.accounted) if slot.entry.anchor else 0.0
+        since = max(since, slot.entry.anchor, after)
+        try:
+            return since, slot.schedule.next_after(since) if since else None
+        except ScheduleError:
+            return since, None
 
     def _log_missed(self, slot: _Slot, since: float, now: float, why: str,
                     may_fire: bool = True) -> None:
@@ -3335,7 +3358,16 @@ class Scheduler:
                 held, lease.held = lease.held, []
                 for at, slot in held:
                     heapq.heappush(self._heap, (at, next(self._seq), slot))
+                pending, lease.pending = lease.pending, []
+                now = self._clock.now()
+                for slot, why in pending:
+                    if self._current(slot) and slot.running and slot.next is None:
+                        slot.running = False
+                        self._resume(slot, now, why, lease.after)
             self._wake.set()
+
+    def _current(self, slot: _Slot) -> bool:
+        return self._slots.get(slot.identity, {}).get(slot.key) is slot
 
     def release(self, parts: dict[int, float | None]) -> dict[int, float]:
         """Fire nothing after ``until`` in partitions given up, {partition: until, or None
@@ -3363,6 +3395,11 @@ class Scheduler:
                 for at, slot in lease.held:
                     if slot.running and slot.next == at:
                         self._log_missed(slot, at - 0.5, at, why, may_fire=False)
+                for slot, _ in lease.pending:
+                    since, first = self._first_unfired(slot, lease.after)
+                    if self._current(slot) and slot.running and first is not None and \
+                            first <= now:
+                        self._log_missed(slot, since, now, why, may_fire=False)
             for slots in self._slots.values():
                 for slot in slots.values():
                     if slot.part not in dropped or not slot.running:
