@@ -190,17 +190,29 @@ class FakeClock(sa.Clock):
 
 @pytest.fixture(params=STORES)
 def store_kind(request):
-    if request.param == "elasticsearch" and not ES_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set: the Elasticsearch "
-                        "tests must run in CI")
-        pytest.skip("SCHEDULE_TEST_ES not set")
+    if request.param == "elasticsearch":
+        require_es()
     return request.param
 
 
 def es_client():
     from elasticsearch import Elasticsearch
     return Elasticsearch([ES_URL])
+
+
+def require_es():
+    """Fail (in CI) or skip a test that needs the Elasticsearch node when none is given."""
+    if not ES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set: the Elasticsearch tests "
+                        "must run in CI")
+        pytest.skip("SCHEDULE_TEST_ES not set")
+
+
+def delete_indices(*indices):
+    """Delete the services' indices: logs, tasks, and the replicas' leases."""
+    es_client().indices.delete(index=",".join(f"{i},{i}-tasks,{i}-cluster" for i in indices),
+                               ignore_unavailable=True)
 
 
 def make_config(kind, data, index=None, **values):
@@ -237,8 +249,7 @@ class Apps:
         for app in list(self.running):
             self.stop(app)
         if self.indices:
-            es_client().indices.delete(index=",".join(
-                f"{i},{i}-tasks,{i}-cluster" for i in self.indices), ignore_unavailable=True)
+            delete_indices(*self.indices)
 
 
 @pytest.fixture
@@ -823,10 +834,7 @@ class TcpProxy:
 
 @pytest.fixture
 def es_apps(tmp_path):
-    if not ES_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set")
-        pytest.skip("SCHEDULE_TEST_ES not set")
+    require_es()
     a = Apps("elasticsearch", tmp_path)
     yield a
     a.close()
@@ -2924,8 +2932,7 @@ def process(store_kind, tmp_path):
         if p.proc.poll() is None:
             p.kill()
     if store_kind == "elasticsearch":
-        es_client().indices.delete(index=f"{index},{index}-tasks,{index}-cluster",
-                                    ignore_unavailable=True)
+        delete_indices(index)
 
 
 def test_blackbox_original_readme_examples_and_bad_inputs(process, receiver):
@@ -3215,16 +3222,12 @@ class ReplicaSet:
         for process in self.started:
             if process.proc.poll() is None:
                 process.kill()
-        es_client().indices.delete(index=f"{self.index},{self.index}-tasks,"
-                                         f"{self.index}-cluster", ignore_unavailable=True)
+        delete_indices(self.index)
 
 
 @pytest.fixture
 def replicas(tmp_path):
-    if not ES_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but SCHEDULE_TEST_ES is not set")
-        pytest.skip("SCHEDULE_TEST_ES not set")
+    require_es()
     r = ReplicaSet(tmp_path)
     yield r
     r.close()
