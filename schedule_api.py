@@ -4871,7 +4871,12 @@ def openapi_document(config: Config) -> dict:
     health = {"type": "object", "required": ["version", "ready", "tasks", "store", "ok"],
               "properties": {"version": {"type": "string"}, "ready": {"type": "boolean"},
                              "tasks": {"type": "integer"}, "store": {"type": "string"},
-                             "ok": {"type": "boolean"}}}
+                             "ok": {"type": "boolean"},
+                             # with Elasticsearch (README, "Several replicas"):
+                             "replica": {"type": "string"},
+                             "partitions": {"type": "array", "items": {"type": "integer"}},
+                             "lease_age": {"type": ["number", "null"]},
+                             "replicas": {"type": "array", "items": {"type": "string"}}}}
     paths["/health"] = {"get": {
         "operationId": "health", "summary": "The store's state, for load balancers; public",
         "security": [], "responses": {"200": {
