@@ -169,6 +169,7 @@ LEASE_AHEAD = 1.5  # seconds: a renewal lets its owner fire this far past the re
 LEASE_FENCE = 2.5  # seconds without a renewal: the owner drops the partition (fires nothing)
 LEASE_TAKEOVER = 3.0  # seconds a lease or heartbeat must stand unchanged before it is dead
 HANDOVER = 2.0  # seconds a partition given up to a peer still fires on the one giving it up
+LEASE_CALL_TIMEOUT = 2.0  # seconds a replica waits for each of its round's calls to the cluster
 TASK_SYNC = 1.0  # seconds between reads of the tasks changed through other replicas
 TASK_SYNC_OVERLAP = 30.0  # seconds re-read each time: other replicas' clocks and refreshes
 TASK_RESYNC = 60.0  # seconds between full reads of the tasks (a backstop for larger skews)
@@ -1853,7 +1854,8 @@ class ElasticsearchStore:
         task, or of those changed since the UNIX time ``since`` (as the writers' clocks say).
         Reading them all also deletes the tombstones older than TOMBSTONE_DAYS."""
         self._ensure()
-        self._call("indices.refresh", index=self.tasks_index)
+        if since is None:  # all: as they are now (the changes are re-read with overlap)
+            self._call("indices.refresh", index=self.tasks_index)
         query = ({"match_all": {}} if since is None else
                  {"range": {"changed": {"gte": int(since * 1000)}}})
         after, old = None, []
@@ -1868,6 +1870,8 @@ class ElasticsearchStore:
                 version = (hit["_primary_term"], hit["_seq_no"])
                 doc = None if source.get("deleted") else \
                     _read_marks(source["task"], source.get("last") or {})
+                if doc is not None:
+                    doc["changed"] = source.get("changed", 0) / 1000
                 if doc is None and source.get("changed", 0) < \
                         (time.time() - TOMBSTONE_DAYS * 86400) * 1000:
                     old.append((source["identity"], version))
@@ -3025,7 +3029,7 @@ class _Lease:
         self.until: float | None = None
         self.fired = after  # the latest instant fired here
         self.held: list[tuple[float, _Slot]] = []
-        self.pending: list[tuple[_Slot, str]] = []
+        self.pending: list[tuple[_Slot, str, float | None]] = []
 
     def bound(self) -> float:
         """Return the latest instant this replica may fire."""
@@ -3149,7 +3153,8 @@ class Scheduler:
         lies beyond waits for a renewal (or is its successor's)."""
         return now if self._leases is None else min(now, self._leases[slot.part].bound())
 
-    def _resume(self, slot: _Slot, now: float, why: str, after: float = 0.0) -> None:
+    def _resume(self, slot: _Slot, now: float, why: str, after: float = 0.0,
+                changed: float | None = None) -> None:
         """Arm a slot that did not run (loaded at start, resumed, put running again) after
         accounting for its instants that never fired: those after its last fire, its put
         and what was already logged missed, up to now (_log_missed). Its first instant
@@ -3157,14 +3162,26 @@ class Scheduler:
         entries resumed together share that answer (CronSchedule's memo), so 100,000 tasks
         load without one computation each. A put time of 0 means unknown (a hand-made
         task document without anchors): nothing is counted then. Instants up to ``after``
-        were another replica's (its lease's horizon)."""
+        were another replica's (its lease's horizon). An entry put or resumed through
+        another replica at ``changed`` fires what fell due since then now, late, as it
+        would have there: this replica learnt of it a moment later (Service._sync)."""
         lease = None if self._leases is None else self._leases[slot.part]
         if lease is not None and now > lease.horizon:  # counted once a renewal covers now
             slot.running, slot.next = True, None
-            lease.pending.append((slot, why))
+            lease.pending.append((slot, why, changed))
             return
         since, first = self._first_unfired(slot, after)
         bound = self._bound(slot, now)  # (a partition being handed over: up to its until)
+        if changed is not None and first is not None and since < changed:
+            if first <= min(changed, bound):
+                self._log_missed(slot, since, min(changed, bound), why)
+            since, first = self._first_unfired(slot, changed)
+            for _ in range(MISSED_COUNT_LIMIT):
+                if first is None or first > bound:
+                    break
+                slot.last = since = first
+                self._queue_retry(self._start_fire(slot, first), now)  # due at once
+                first = self._first_unfired(slot, first)[1]
         if first is not None and first <= bound:
             self._log_missed(slot, since, bound, why)
         self._arm(slot, bound, first if first is not None and first > bound else None)
@@ -3220,13 +3237,15 @@ class Scheduler:
             self._queue_retry(self._start_fire(slot, last), now)  # due at once, via the heap
 
     def put(self, task: Task, last: dict[str, float] | None = None,
-            prepare: bool = True, accounted: dict[str, float] | None = None) -> None:
+            prepare: bool = True, accounted: dict[str, float] | None = None,
+            changed: float | None = None) -> None:
         """Add or replace a task. An entry put again unchanged is left as it is (its fire in
         flight and retries go on); entries whose schedule is unchanged keep their next fire
         and last fire; others start from now. ``last`` and ``accounted`` are the stored
         marks of a task loaded at start. With ``prepare`` the entries' webhooks are built
         now, else at their first fire (100,000 tasks loaded at start would take 57 MB and
-        4 s more). Raises ScheduleError for a bad cron_time."""
+        4 s more). ``changed``: when another replica stored the task (see _resume).
+        Raises ScheduleError for a bad cron_time."""
         zone = load_zone(task.time_zone)
         # Parsed and built outside the lock: a put of 1,000 new entries must not stall the timer.
         slots = {key: _Slot(task.identity, key, entry, zone,
@@ -3255,7 +3274,7 @@ class Scheduler:
                         self._arm(slot, now, before.next)
                         continue
                     self._resume(slot, now, "the service was down, or the entry paused",
-                                 self._after(slot))
+                                 self._after(slot), changed)
             for slot in old.values():
                 self._disarm(slot)
             self._tasks[task.identity] = task
@@ -3360,10 +3379,10 @@ class Scheduler:
                     heapq.heappush(self._heap, (at, next(self._seq), slot))
                 pending, lease.pending = lease.pending, []
                 now = self._clock.now()
-                for slot, why in pending:
+                for slot, why, changed in pending:
                     if self._current(slot) and slot.running and slot.next is None:
                         slot.running = False
-                        self._resume(slot, now, why, lease.after)
+                        self._resume(slot, now, why, lease.after, changed)
             self._wake.set()
 
     def _current(self, slot: _Slot) -> bool:
@@ -3383,23 +3402,26 @@ class Scheduler:
             self._wake.set()
             return untils
 
-    def drop(self, parts: Iterable[int], why: str) -> dict[int, float]:
-        """Stop firing partitions (their fires in flight and retries go on); return the
-        latest instant each one's lease covered. Its due instants the timer has not reached
-        yet are still this replica's: they fire now, late. Those that waited for a renewal
-        that never came are logged missed, with ``why``."""
+    def drop(self, parts: dict[int, float], why: str) -> dict[int, float]:
+        """Stop firing partitions, {partition: the latest horizon written for it} (their
+        fires in flight and retries go on); return the latest instant each one's lease
+        covered here. Its due instants the timer has not reached yet are still this
+        replica's: they fire now, late. Those that waited for a renewal that never came are
+        logged missed, with ``why``, up to the horizon written: past it, they are the next
+        owner's to account for (it starts after the horizon it reads)."""
         with self._lock:
             now = self._clock.now()
             dropped = {part: self._leases.pop(part) for part in parts if part in self._leases}
-            for lease in dropped.values():
+            for part, lease in dropped.items():
                 for at, slot in lease.held:
-                    if slot.running and slot.next == at:
+                    if slot.running and slot.next == at and at <= parts[part]:
                         self._log_missed(slot, at - 0.5, at, why, may_fire=False)
-                for slot, _ in lease.pending:
+                for slot, _, _ in lease.pending:
                     since, first = self._first_unfired(slot, lease.after)
+                    upto = min(now, parts[part])
                     if self._current(slot) and slot.running and first is not None and \
-                            first <= now:
-                        self._log_missed(slot, since, now, why, may_fire=False)
+                            first <= upto:
+                        self._log_missed(slot, since, upto, why, may_fire=False)
             for slots in self._slots.values():
                 for slot in slots.values():
                     if slot.part not in dropped or not slot.running:
@@ -3694,6 +3716,7 @@ class Replicas:
         self._held: dict[int, tuple[int, int]] = {}  # partition -> our lease's version
         self._renewed: dict[int, float] = {}  # partition -> monotonic start of its last renewal
         self._floor: dict[int, float] = {}  # partition -> no horizon we write goes below it
+        self._sent: dict[int, float] = {}  # partition -> the latest horizon we tried to write
         self._releasing: dict[int, tuple[float, float]] = {}  # partition -> until, monotonic
         self._dropped: dict[int, float] = {}  # partition -> the last instant it let us fire
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}  # doc -> version, since
@@ -3740,7 +3763,7 @@ class Replicas:
 
     def _round(self) -> None:
         started, now = time.monotonic(), self._clock.now()
-        leases, beats = self._store.leases(timeout=LEASE_RENEW * 2)
+        leases, beats = self._store.leases(timeout=LEASE_CALL_TIMEOUT)
         alive = {self.id}
         writes: list[tuple[str, dict | None, Any]] = []
         for replica, doc in beats.items():
@@ -3795,7 +3818,9 @@ class Replicas:
             plans.append(("take", part, horizon, after, why))
         writes.append((f"replica-{self.id}", {"kind": "replica", "replica": self.id,
                                               "at": now, "held": len(mine)}, ()))
-        results = self._store.write_leases(writes, timeout=LEASE_RENEW * 2)
+        for _, part, horizon, _, _ in plans:  # may be written even if no answer comes
+            self._sent[part] = max(self._sent.get(part, 0.0), horizon)
+        results = self._store.write_leases(writes, timeout=LEASE_CALL_TIMEOUT)
         results = results[len(writes) - len(plans) - 1:]  # the heartbeats' deletions first
         self._apply(plans, results, started, peers)
 
@@ -3828,8 +3853,9 @@ class Replicas:
                     renewed[part] = horizon
         if lost:
             log.warning("replicas: lost partitions %s to another replica", lost)
-            self._dropped.update(self._scheduler.drop(lost, "this replica lost the lease of "
-                                                            "its partition"))
+            self._dropped.update(self._scheduler.drop(
+                {part: self._sent.get(part, 0.0) for part in lost},
+                "this replica lost the lease of its partition"))
         if released:
             log.info("replicas: handing partitions %s over (%d replicas)", sorted(released),
                      len(peers))
@@ -3844,7 +3870,8 @@ class Replicas:
         done = [part for part, (_, deadline) in self._releasing.items()
                 if time.monotonic() > deadline]
         if done:
-            self._scheduler.drop(done, "handed over")
+            self._scheduler.drop({part: self._releasing[part][0] for part in done},
+                                 "handed over")
             with self._lock:
                 for part in done:
                     del self._releasing[part]
@@ -3861,7 +3888,8 @@ class Replicas:
                 for part in stale:
                     del self._held[part]
             self._dropped.update(self._scheduler.drop(
-                stale, "this replica could not renew its lease in time"))
+                {part: self._sent.get(part, 0.0) for part in stale},
+                "this replica could not renew its lease in time"))
 
     def stop(self) -> None:
         """Hand every partition over (firing on until HANDOVER when peers are alive to take
@@ -3878,7 +3906,7 @@ class Replicas:
                 [(f"lease-{part}", {"kind": "lease", "owner": "", "horizon": untils[part],
                                     "from": untils[part], "by": self.id}, version)
                  for part, version in held.items()] + [(f"replica-{self.id}", None, ())],
-                timeout=LEASE_RENEW * 2)
+                timeout=LEASE_CALL_TIMEOUT)
             self._scheduler.extend({part: untils[part] for part, version in zip(
                 held, results, strict=False) if version is not None})
         except StoreError as exc:
@@ -3887,7 +3915,8 @@ class Replicas:
                    default=0.0)
         while self._clock.now() < last:
             time.sleep(min(0.1, max(0.0, last - self._clock.now())))
-        self._scheduler.drop(list(held) + list(self._releasing), "handed over")
+        self._scheduler.drop({**{part: until for part, (until, _) in self._releasing.items()},
+                              **untils}, "handed over")
         with self._lock:
             self._held.clear()
             self._releasing.clear()
@@ -3962,9 +3991,10 @@ class Service:
         return count
 
     def _apply(self, identity: str, version: tuple[int, int] | None, token: str,
-               doc: dict | None) -> bool:
+               doc: dict | None, synced: bool = False) -> bool:
         """Apply a stored task (None: deleted) unless this replica has it already, or a
-        later version of it; return True if it was applied."""
+        later version of it; return True if it was applied. ``synced``: changed through
+        another replica while this one runs, so what fell due since fires, late."""
         with self._lock:
             known = self._applied.get(identity)
             if known is not None and ((token and known[1] == token) or version <= known[0]):
@@ -3976,7 +4006,8 @@ class Service:
                 return True
             try:
                 self._scheduler.put(Task.from_document(doc), doc.get("last"), prepare=False,
-                                    accounted=doc.get("accounted"))
+                                    accounted=doc.get("accounted"),
+                                    changed=doc.get("changed") if synced else None)
             except (ScheduleError, KeyError, TypeError, ValueError) as exc:
                 log.error("stored task %r cannot be scheduled: %s", identity, exc)
                 return False
@@ -3993,7 +4024,7 @@ class Service:
             try:
                 for change in self._store.task_changes(
                         None if whole else since - TASK_SYNC_OVERLAP):
-                    self._apply(*change)
+                    self._apply(*change, synced=True)
             except StoreError as exc:
                 if not failing:
                     log.warning("cannot read the tasks changed by other replicas: %s", exc)

@@ -138,7 +138,10 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A burst of new connections (a second's fires from several replicas) must not
+        # overflow the listen queue: http.server's 5 would delay some by a SYN's resend.
+        server = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 128})
+        self.server = server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -1480,11 +1483,11 @@ def test_a_replica_fires_its_partitions_instants_between_the_horizons_only(repli
     wait_until(lambda: fired_at(s) == [40, 50, 60, 70], message="up to the hand-over")
     wait_until(s.idle, message="the timer")
     assert fired_at(s) == [40, 50, 60, 70] and s.leases()[part]["until"] == START + 75
-    s.drop([part], "handed over")
+    s.drop({part: START + 75}, "handed over")
     s.own({part: (START + 90, START + 95)}, "its partition had no owner")
     s.clock.advance(20)  # +110: +100 is past the horizon, and no renewal comes
     wait_until(s.idle, message="the timer")
-    s.drop([part], "this replica could not renew its lease in time")
+    s.drop({part: START + 100}, "this replica could not renew its lease in time")
     missed = [r for r in s.records if r["type"] == "missed"]
     assert [(m["first"] - START, m["count"], m["fired"]) for m in missed] == [(100, 1, False)]
     assert "could not renew" in missed[0]["message"][0]
@@ -3211,7 +3214,7 @@ class ReplicaSet:
         self.started: list[Process] = []
 
     def start(self, name, es=None):
-        text = (f"[server]\nhost = 127.0.0.1\nport = 0\n[storage]\n"
+        text = (f"[server]\nhost = 127.0.0.1\nport = 0\nlog_level = DEBUG\n[storage]\n"
                 f"path = {self.tmp_path / name}\nflush_interval = 0.1\n"
                 f"[elasticsearch]\nhosts = {es or ES_URL}\ndefault_index = {self.index}\n")
         process = Process(self.tmp_path, text, name)
@@ -3268,16 +3271,22 @@ def assert_none_doubled(receiver):
 
 
 def assert_every_instant(receiver, first, last, url):
-    """Every task's every instant in [first, last] arrived (once: see assert_none_doubled);
-    else say what the logs at ``url`` say of them."""
-    got = deliveries(receiver)
-    missing = [(f"r{i}", t) for i in range(TASKS) for t in range(math.ceil(first), int(last) + 1)
-               if (f"r{i}", float(t)) not in got]
-    if missing:
-        logs = [(h["_source"]["identity"], h["_source"].get("scheduled"),
-                 h["_source"].get("message")) for kind in ("error", "missed")
-                for h in ok(url, "/search", {"type": kind, "limit": 100})["hits"]["hits"]]
-        pytest.fail(f"{len(missing)} instants never arrived, first: {missing[:5]}; {logs}")
+    """Every task's every instant in [first, last] arrived (once: see assert_none_doubled),
+    within a few seconds; else say what the logs at ``url`` say of them."""
+    def absent():
+        got = deliveries(receiver)
+        return [(f"r{i}", t) for i in range(TASKS)
+                for t in range(math.ceil(first), int(last) + 1) if (f"r{i}", float(t)) not in got]
+    deadline = time.monotonic() + 5
+    while absent() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if missing := absent():
+        identity, instant = missing[0]
+        logs = [h["_source"] for h in ok(url, "/search", {"identity": identity, "limit": 100})[
+            "hits"]["hits"] if h["_source"]["type"] not in ("put", "success") or
+            abs(h["_source"].get("scheduled", 0) - instant) < 2]
+        pytest.fail(f"{len(missing)} instants never arrived, first: {missing[:5]}; "
+                    f"the logs of {identity}: {logs}")
 
 
 def test_replicas_share_the_entries_fire_each_once_and_see_each_others_changes(
@@ -3309,6 +3318,10 @@ def test_replicas_share_the_entries_fire_each_once_and_see_each_others_changes(
     got = deliveries(receiver)
     for i in range(2, TASKS):
         assert all((f"r{i}", float(t)) in got for t in range(math.ceil(begin + 2), int(end) - 1))
+    # A task put through a replica that does not fire it fires its next instants all the
+    # same (late, if the owner learnt of it after them): none is missed.
+    es_client().indices.refresh(index=replicas.index)
+    assert ok(a.url, "/search", {"type": "missed"})["hits"]["total"]["value"] == 0
     health = post(a.url, "/health", method="GET")[1]["data"]
     assert sorted(health["replicas"]) == sorted([health["replica"], post(
         b.url, "/health", method="GET")[1]["data"]["replica"]])
@@ -3332,8 +3345,8 @@ def test_replicas_take_over_a_killed_replica_within_5_s_and_double_nothing(repli
     assert_none_doubled(receiver)
     missed = [h["_source"] for h in ok(a.url, "/search", {"type": "missed", "limit": 100})[
         "hits"]["hits"]]
-    assert missed and all("no owner" in m["message"][0] for m in missed), [
-        m["message"] for m in missed]
+    assert missed
+    assert [m["message"][0] for m in missed if "no owner" not in m["message"][0]] == []
 
 
 def test_replica_cut_off_from_the_cluster_stops_before_its_lease_is_taken_and_rejoins(
