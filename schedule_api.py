@@ -3172,10 +3172,10 @@ class Scheduler:
             return
         since, first = self._first_unfired(slot, after)
         bound = self._bound(slot, now)  # (a partition being handed over: up to its until)
-        if changed is not None and first is not None and since < changed:
-            if first <= min(changed, bound):
+        if changed is not None and first is not None:
+            if since < changed and first <= min(changed, bound):
                 self._log_missed(slot, since, min(changed, bound), why)
-            since, first = self._first_unfired(slot, changed)
+            since, first = self._first_unfired(slot, max(after, changed))
             for _ in range(MISSED_COUNT_LIMIT):
                 if first is None or first > bound:
                     break

@@ -1464,6 +1464,21 @@ def test_a_replica_never_fires_past_its_horizon_when_it_catches_up(replicated, c
     assert [(m["first"] - START, m["last"] - START) for m in missed] == [expected_missed]
 
 
+def test_a_task_put_through_another_replica_fires_what_fell_due_before_it_arrived(replicated):
+    s = replicated
+    part = sa.partition("a")
+    s.own({part: (START + 12, START + 100)}, "test")  # its predecessor fired up to +12
+    s.clock.advance(25)
+    # Put at +3 through another replica; this one, the owner, learns of it at +25: +10 was
+    # its predecessor's, +20 fires now, late.
+    s.put(sa.Task("a", NY, True, {"k": sa.Entry("*/10 * * * * *", "http://127.0.0.1:9/",
+                                               anchor=START + 3)}), changed=START + 3)
+    wait_until(lambda: fired_at(s) == [20], message="the instant since the put, late")
+    s.clock.advance(10)
+    wait_until(lambda: fired_at(s) == [20, 30], message="then on time")
+    assert [r for r in s.records if r["type"] == "missed"] == []
+
+
 def test_a_replica_fires_its_partitions_instants_between_the_horizons_only(replicated):
     s = replicated
     s.put(entries_task("a", "*/10 * * * * *"))

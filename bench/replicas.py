@@ -36,8 +36,8 @@ partition of C from the cut to --window s after the restore) and whether a "miss
 covers it (first <= instant <= last; target: none outside a window, none unlogged; and how
 many fires have more than one "missed" log, or one though delivered); the "missed" logs of
 instants before t = 0 (the puts go through A: a task of a partition another replica fires
-reaches it by the task sync, up to about TASK_SYNC later, and an instant in between is
-logged missed there); delivered more than 1 s late (count, max); time from the kill (and
+reaches it by the task sync, up to about TASK_SYNC later; what fell due in between fires
+late there, so there should be none); delivered more than 1 s late (count, max); time from the kill (and
 from the cut) to the partitions held again and to the first delivery of an instant of a
 taken-over partition (target <= 5 s); lateness p50/p99/max in steady state (instants outside
 [event, its end + --window]); CPU seconds and % of a core of each replica, of the node and
