@@ -3162,9 +3162,9 @@ class Scheduler:
         entries resumed together share that answer (CronSchedule's memo), so 100,000 tasks
         load without one computation each. A put time of 0 means unknown (a hand-made
         task document without anchors): nothing is counted then. Instants up to ``after``
-        were another replica's (its lease's horizon). An entry put or resumed through
-        another replica at ``changed`` fires what fell due since then now, late, as it
-        would have there: this replica learnt of it a moment later (Service._sync)."""
+        were another replica's (its lease's horizon). An entry put (or resumed through
+        another replica) at ``changed`` fires what fell due since then now, late: the put
+        took a moment to store, or this replica learnt of it a moment later (Service._sync)."""
         lease = None if self._leases is None else self._leases[slot.part]
         if lease is not None and now > lease.horizon:  # counted once a renewal covers now
             slot.running, slot.next = True, None
@@ -3244,7 +3244,8 @@ class Scheduler:
         and last fire; others start from now. ``last`` and ``accounted`` are the stored
         marks of a task loaded at start. With ``prepare`` the entries' webhooks are built
         now, else at their first fire (100,000 tasks loaded at start would take 57 MB and
-        4 s more). ``changed``: when another replica stored the task (see _resume).
+        4 s more). ``changed``: when the put was made, here or through another replica
+        (see _resume).
         Raises ScheduleError for a bad cron_time."""
         zone = load_zone(task.time_zone)
         # Parsed and built outside the lock: a put of 1,000 new entries must not stall the timer.
@@ -4078,7 +4079,8 @@ class Service:
         """Create or replace a task atomically; unchanged entries keep their fire times."""
         # @every counts from the put's whole second: its fires fall on whole seconds, as in
         # robfig/cron, and X-Schedule-Time (whole seconds) names them exactly.
-        task = validate_task(request, math.floor(self._clock.now()), self._schedules,
+        received = self._clock.now()
+        task = validate_task(request, math.floor(received), self._schedules,
                              self._strict, self._config.max_timeout)
         with self._lock:
             old = self._scheduler.task(task.identity)
@@ -4089,7 +4091,8 @@ class Service:
             last = {key: last[key] for key in kept if key in last}
             accounted = {key: accounted[key] for key in kept if key in accounted}
             self._save(task.document(last, accounted), task.identity)
-            self._scheduler.put(task, last, accounted=accounted)
+            # An instant that falls while the task is stored fires, late (it is not missed).
+            self._scheduler.put(task, last, accounted=accounted, changed=received)
         self._writer.write_now(make_log("put", task.identity, body=task.public()))
 
     def _fields(self, request: dict, endpoint: str) -> dict:
