@@ -1738,13 +1738,14 @@ def test_overlap_forbid_skips_a_fire_while_the_last_one_runs(apps, receiver):
 
 def test_overlap_replace_abandons_the_running_fires_retries(apps, receiver):
     app, clock = fake_app(apps)
-    ok(app.url, "/put", task(url=receiver.url + "/status/503", cron="*/10 * * * * *",
+    path = "/retry-after/503/40"  # its retry waits 40 s exactly (no jitter to race with)
+    ok(app.url, "/put", task(url=receiver.url + path, cron="*/10 * * * * *",
                              zone="UTC", overlap="replace",
                              retry={"attempts": 5, "backoff": 40, "max_backoff": 40}))
     clock.advance(1)
-    receiver.wait_for(1, "/status/503")
+    receiver.wait_for(1, path)
     clock.advance(10)
-    receiver.wait_for(2, "/status/503")
+    receiver.wait_for(2, path)
     first = wait_until(lambda: [e for e in fire_logs(app) if e["scheduled"] == NOON],
                        message="the first fire's log")[0]
     assert first["attempts"] == 1
