@@ -3823,9 +3823,9 @@ class Replicas:
             self._sent[part] = max(self._sent.get(part, 0.0), horizon)
         results = self._store.write_leases(writes, timeout=LEASE_CALL_TIMEOUT)
         results = results[len(writes) - len(plans) - 1:]  # the heartbeats' deletions first
-        self._apply(plans, results, started, peers)
+        self._enact(plans, results, started, peers)
 
-    def _apply(self, plans: list, results: list, started: float, peers: list[str]) -> None:
+    def _enact(self, plans: list, results: list, started: float, peers: list[str]) -> None:
         """Act on what the round's writes did: fire what was taken, extend what was renewed,
         stop what was lost, hand over what was released."""
         taken: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
