@@ -3365,7 +3365,7 @@ def test_replicas_take_over_a_killed_replica_within_5_s_and_double_nothing(repli
     assert [m["message"][0] for m in missed if "no owner" not in m["message"][0]] == []
 
 
-def test_replica_cut_off_from_the_cluster_stops_before_its_lease_is_taken_and_rejoins(
+def test_replicas_one_cut_off_from_the_cluster_stops_before_its_lease_is_taken_and_rejoins(
         replicas, receiver):
     proxy = TcpProxy(ES_URL)
     a, c = replicas.start("a"), replicas.start("c", es=proxy.url)
